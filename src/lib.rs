@@ -1,0 +1,6 @@
+//! veil: a policy-enforcing UDP privacy sidecar for calling apps.
+//!
+//! The library holds all logic; `src/main.rs` is a thin command-line shell around it.
+
+pub mod policy;
+pub mod traffic;
