@@ -4,3 +4,6 @@
 
 pub mod policy;
 pub mod traffic;
+pub mod identity;
+pub mod rate;
+pub mod socks5;

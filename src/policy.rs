@@ -332,3 +332,11 @@ fn canonical_net(net: IpNet) -> IpNet {
 
 #[cfg(test)]
 mod tests;
+
+/// The shipped `policies/default.toml`, built into the binary for `veil up`.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../policies/default.toml");
+
+/// The policy of `veil up`: the shipped default alone.
+pub fn embedded_default() -> Result<Policy, PolicyErrors> {
+    load::from_files([("default.toml", EMBEDDED_DEFAULT)])
+}

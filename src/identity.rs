@@ -1,0 +1,148 @@
+//! Who is on the other end of a local TCP connection, as the kernel reports it.
+//!
+//! A SOCKS5 client on this machine is identified by the owner of its socket, read from the
+//! kernel's socket table (`/proc/net/tcp`, `/proc/net/tcp6`), so a local client cannot claim to be
+//! someone else. The table parser is a pure function; [`user_of_uid`] asks NSS (so LDAP and other
+//! directory users work) for the user's name and groups.
+
+use crate::policy::User;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// Why a client could not be identified.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The socket table could not be read.
+    #[error("reading the kernel socket table: {0}")]
+    Table(#[from] std::io::Error),
+    /// No user has this uid.
+    #[error("uid {0} has no user name")]
+    UnknownUid(u32),
+    /// The user database could not be asked.
+    #[error("looking up uid {0}: {1}")]
+    Lookup(u32, nix::Error),
+}
+
+/// Parses one `/proc/net/tcp{,6}` address field (`0100007F:1F90`): the IP as the kernel's
+/// native-endian 32-bit words in hex, then the port in hex.
+fn parse_hex_addr(field: &str) -> Option<SocketAddr> {
+    let (ip, port) = field.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    // The kernel prints each 32-bit word of the address as it sits in memory, read as a
+    // native-endian integer: turning it back into native-endian bytes restores network order.
+    let word = |s: &str| u32::from_str_radix(s, 16).ok().map(u32::to_ne_bytes);
+    let ip = match ip.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(word(ip)?)),
+        32 => {
+            let mut octets = [0u8; 16];
+            for (i, chunk) in octets.chunks_exact_mut(4).enumerate() {
+                let w = word(ip.get(i * 8..i * 8 + 8)?)?;
+                chunk.copy_from_slice(&w);
+            }
+            IpAddr::V6(Ipv6Addr::from(octets))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Finds the uid owning the socket whose local address is `local` and remote address `remote`
+/// in the text of a `/proc/net/tcp{,6}` table. Addresses are compared in canonical form.
+pub fn owner_in_table(table: &str, local: SocketAddr, remote: SocketAddr) -> Option<u32> {
+    let canon = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let (local, remote) = (canon(local), canon(remote));
+    table.lines().skip(1).find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let l = parse_hex_addr(fields.nth(1)?)?;
+        let r = parse_hex_addr(fields.next()?)?;
+        let uid = fields.nth(4)?.parse().ok()?;
+        (canon(l) == local && canon(r) == remote).then_some(uid)
+    })
+}
+
+/// The uid that owns the client end of a TCP connection that this process accepted: `server` is
+/// our end (the listener's address), `client` the peer's. `None` if the client is not local.
+pub fn client_uid(server: SocketAddr, client: SocketAddr) -> Result<Option<u32>, Error> {
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = match std::fs::read_to_string(table) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(uid) = owner_in_table(&text, client, server) {
+            return Ok(Some(uid));
+        }
+    }
+    Ok(None)
+}
+
+/// The user with this uid, with the names of all its groups.
+pub fn user_of_uid(uid: u32) -> Result<User, Error> {
+    let unix = nix::unistd::User::from_uid(uid.into())
+        .map_err(|e| Error::Lookup(uid, e))?
+        .ok_or(Error::UnknownUid(uid))?;
+    Ok(User::new(unix.name.clone(), groups_of(&unix)))
+}
+
+/// The user called `name`, with its groups if it is a Unix user, else with none.
+pub fn user_named(name: &str) -> User {
+    match nix::unistd::User::from_name(name) {
+        Ok(Some(unix)) => User::new(name, groups_of(&unix)),
+        _ => User::new(name, []),
+    }
+}
+
+fn groups_of(unix: &nix::unistd::User) -> Vec<String> {
+    let Ok(cname) = std::ffi::CString::new(unix.name.as_bytes()) else {
+        return Vec::new();
+    };
+    let gids = nix::unistd::getgrouplist(&cname, unix.gid).unwrap_or_else(|_| vec![unix.gid]);
+    gids.into_iter()
+        .filter_map(|gid| nix::unistd::Group::from_gid(gid).ok().flatten())
+        .map(|g| g.name)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:0438 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+   1: 0100007F:D431 0100007F:0438 01 00000000:00000000 00:00000000 00000000  1001        0 2 1 0 20 4 30 10 -1
+";
+    const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000001000000:C350 00000000000000000000000001000000:0438 01 00000000:00000000 00:00000000 00000000  1002        0 3 1 0 20 4 30 10 -1
+   1: 0000000000000000FFFF00000100007F:C351 0000000000000000FFFF00000100007F:0438 01 00000000:00000000 00:00000000 00000000  1003        0 3 1 0 20 4 30 10 -1
+";
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    #[test]
+    fn finds_the_owner_of_the_client_socket() {
+        assert_eq!(owner_in_table(TCP, addr("127.0.0.1:54321"), addr("127.0.0.1:1080")), Some(1001));
+        // The listener's own line does not match a client.
+        assert_eq!(owner_in_table(TCP, addr("127.0.0.1:54322"), addr("127.0.0.1:1080")), None);
+        assert_eq!(owner_in_table(TCP6, addr("[::1]:50000"), addr("[::1]:1080")), Some(1002));
+        // A v4 client on a dual-stack listener appears v4-mapped.
+        assert_eq!(owner_in_table(TCP6, addr("127.0.0.1:50001"), addr("127.0.0.1:1080")), Some(1003));
+    }
+
+    #[test]
+    fn garbage_tables_match_nothing() {
+        for t in ["", "header\n", "h\n 0: zz:zz 00:00 01 0 0 0 abc\n", "h\n 0: 0100007F:D431\n"] {
+            assert_eq!(owner_in_table(t, addr("127.0.0.1:54321"), addr("127.0.0.1:1080")), None);
+        }
+    }
+
+    #[test]
+    fn identifies_a_real_local_connection() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (_server, peer) = listener.accept().expect("accept");
+        let uid = client_uid(listener.local_addr().expect("addr"), peer).expect("table");
+        assert_eq!(uid, Some(nix::unistd::geteuid().as_raw()));
+        drop(client);
+    }
+}

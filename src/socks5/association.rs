@@ -1,0 +1,283 @@
+//! One UDP ASSOCIATE session as a state machine, sans IO (RFC 1928 §7).
+//!
+//! The shell owns the sockets; it hands every datagram to an [`Association`] and does what comes
+//! back. The rules enforced here:
+//!
+//! - only the client may use the association: datagrams must come from the IP address of the TCP
+//!   control connection, and the first such datagram fixes the client's port (the address the
+//!   client declares in its request is only a hint: real clients send `0.0.0.0:0`);
+//! - a datagram with FRAG ≠ 0 is dropped (veil does not reassemble);
+//! - each destination is a *flow*, decided by the policy once (with the traffic class of its first
+//!   packet) and again whenever the policy changes; the flow table is bounded;
+//! - replies are admitted only from destinations that are `direct` flows of this association.
+
+use crate::policy::{Decision, Policy, Target, User, Verdict};
+use crate::traffic::TrafficClass;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+/// Why a datagram was dropped; each has a counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// From an address other than the association's client.
+    ForeignSource,
+    /// FRAG ≠ 0.
+    Fragmented,
+    /// Not a valid SOCKS5 UDP datagram.
+    Malformed,
+    /// The policy blocks the flow.
+    Blocked,
+    /// The policy says `relay`, and no tunnel is available.
+    RelayUnavailable,
+    /// The association already has as many flows as its limit allows.
+    FlowLimit,
+    /// The user's packet rate is exceeded.
+    RateLimit,
+    /// A domain target that could not be resolved.
+    Unresolved,
+    /// A datagram from a peer that is not a direct flow of the association.
+    UnknownPeer,
+    /// The socket could not take the datagram (buffer full, or an error).
+    SendFailed,
+}
+
+impl DropReason {
+    /// Every reason, in counter order.
+    pub const ALL: [Self; 10] = [
+        Self::ForeignSource,
+        Self::Fragmented,
+        Self::Malformed,
+        Self::Blocked,
+        Self::RelayUnavailable,
+        Self::FlowLimit,
+        Self::RateLimit,
+        Self::Unresolved,
+        Self::UnknownPeer,
+        Self::SendFailed,
+    ];
+
+    /// A stable name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ForeignSource => "foreign_source",
+            Self::Fragmented => "fragmented",
+            Self::Malformed => "malformed",
+            Self::Blocked => "blocked",
+            Self::RelayUnavailable => "relay_unavailable",
+            Self::FlowLimit => "flow_limit",
+            Self::RateLimit => "rate_limit",
+            Self::Unresolved => "unresolved",
+            Self::UnknownPeer => "unknown_peer",
+            Self::SendFailed => "send_failed",
+        }
+    }
+
+    /// Index into a counter array.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A policy together with its generation number, which changes on every reload.
+#[derive(Debug)]
+pub struct PolicyVersion {
+    /// The policy.
+    pub policy: Policy,
+    /// Increases by one with each successful reload.
+    pub generation: u64,
+}
+
+/// A destination of the association and how it was decided.
+#[derive(Debug, Clone)]
+struct Flow {
+    decision: Decision,
+    traffic: TrafficClass,
+    generation: u64,
+}
+
+/// What the association says about a flow's packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowDecision {
+    /// The decision in force.
+    pub decision: Decision,
+    /// True if the flow is new or its verdict just changed: worth a log line.
+    pub changed: bool,
+}
+
+/// The state of one UDP association.
+#[derive(Debug)]
+pub struct Association {
+    control_ip: IpAddr,
+    client: Option<SocketAddr>,
+    flows: HashMap<SocketAddr, Flow>,
+    max_flows: usize,
+}
+
+impl Association {
+    /// An association whose control connection comes from `control_ip`.
+    pub fn new(control_ip: IpAddr, max_flows: u32) -> Self {
+        Self {
+            control_ip: control_ip.to_canonical(),
+            client: None,
+            flows: HashMap::new(),
+            max_flows: usize::try_from(max_flows).unwrap_or(usize::MAX),
+        }
+    }
+
+    /// The client's UDP address, once its first datagram arrived.
+    pub fn client(&self) -> Option<SocketAddr> {
+        self.client
+    }
+
+    /// Admits a datagram arriving on the client side from `from`, or says why not.
+    pub fn admit_client(&mut self, from: SocketAddr) -> Result<(), DropReason> {
+        let from = canonical(from);
+        match self.client {
+            Some(client) if client == from => Ok(()),
+            Some(_) => Err(DropReason::ForeignSource),
+            None if from.ip() == self.control_ip => {
+                self.client = Some(from);
+                Ok(())
+            }
+            None => Err(DropReason::ForeignSource),
+        }
+    }
+
+    /// The decision for a packet to `target`, deciding the flow if it is new or the policy
+    /// changed since. `packet` is the payload (its class matters only for a new flow).
+    pub fn decide(
+        &mut self,
+        target: SocketAddr,
+        packet: &[u8],
+        policy: &PolicyVersion,
+        user: &User,
+    ) -> Result<FlowDecision, DropReason> {
+        let target = canonical(target);
+        if let Some(flow) = self.flows.get_mut(&target) {
+            if flow.generation == policy.generation {
+                return Ok(FlowDecision {
+                    decision: flow.decision.clone(),
+                    changed: false,
+                });
+            }
+            let decision = policy.policy.decide(user, &Target {
+                addr: target,
+                transport: crate::policy::Transport::Udp,
+                traffic: Some(flow.traffic),
+            });
+            let changed = decision.verdict != flow.decision.verdict;
+            flow.decision = decision.clone();
+            flow.generation = policy.generation;
+            return Ok(FlowDecision { decision, changed });
+        }
+        if self.flows.len() >= self.max_flows {
+            return Err(DropReason::FlowLimit);
+        }
+        let traffic = TrafficClass::of(packet);
+        let decision = policy.policy.decide(user, &Target::udp(target, packet));
+        self.flows.insert(target, Flow {
+            decision: decision.clone(),
+            traffic,
+            generation: policy.generation,
+        });
+        Ok(FlowDecision {
+            decision,
+            changed: true,
+        })
+    }
+
+    /// Admits a datagram from peer `from` on an outbound socket: it must be a `direct` flow of
+    /// this association (under the policy in force), and the client must be known. Returns the
+    /// client's address.
+    pub fn admit_peer(
+        &mut self,
+        from: SocketAddr,
+        policy: &PolicyVersion,
+        user: &User,
+    ) -> Result<SocketAddr, DropReason> {
+        let client = self.client.ok_or(DropReason::UnknownPeer)?;
+        let from = canonical(from);
+        if !self.flows.contains_key(&from) {
+            return Err(DropReason::UnknownPeer);
+        }
+        match self.decide(from, &[], policy, user)?.decision.verdict {
+            Verdict::Direct => Ok(client),
+            _ => Err(DropReason::UnknownPeer),
+        }
+    }
+
+    /// How many flows the association has.
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
+    }
+}
+
+/// The canonical form of a socket address: IPv4-mapped IPv6 becomes IPv4.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::load::from_files;
+
+    fn version(text: &str, generation: u64) -> PolicyVersion {
+        PolicyVersion {
+            policy: from_files([("default.toml", text)]).expect("valid"),
+            generation,
+        }
+    }
+
+    const LAN_DIRECT: &str = "fallback = \"block\"\n[[rule]]\nname = \"lan\"\nverdict = \"direct\"\nnetworks = [\"10.0.0.0/8\"]\n";
+    const LAN_RELAY: &str = "fallback = \"block\"\n[[rule]]\nname = \"lan\"\nverdict = \"relay\"\nnetworks = [\"10.0.0.0/8\"]\n";
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    #[test]
+    fn only_the_control_connections_ip_may_use_it_and_the_first_port_sticks() {
+        let mut a = Association::new("127.0.0.1".parse().expect("ip"), 4);
+        assert_eq!(a.admit_client(addr("127.0.0.2:5000")), Err(DropReason::ForeignSource));
+        assert_eq!(a.admit_client(addr("[::ffff:127.0.0.1]:5000")), Ok(()));
+        assert_eq!(a.client(), Some(addr("127.0.0.1:5000")));
+        assert_eq!(a.admit_client(addr("127.0.0.1:5000")), Ok(()));
+        assert_eq!(a.admit_client(addr("127.0.0.1:5001")), Err(DropReason::ForeignSource));
+    }
+
+    #[test]
+    fn flows_are_decided_once_per_policy_generation_and_bounded() {
+        let user = User::new("u", []);
+        let mut a = Association::new("127.0.0.1".parse().expect("ip"), 2);
+        let p1 = version(LAN_DIRECT, 1);
+        let d = a.decide(addr("10.1.1.1:9"), b"x", &p1, &user).expect("decided");
+        assert_eq!((d.decision.verdict, d.changed), (Verdict::Direct, true));
+        let d = a.decide(addr("10.1.1.1:9"), b"x", &p1, &user).expect("decided");
+        assert_eq!((d.decision.verdict, d.changed), (Verdict::Direct, false));
+        let d = a.decide(addr("8.8.8.8:9"), b"x", &p1, &user).expect("decided");
+        assert_eq!(d.decision.verdict, Verdict::Block);
+        assert_eq!(a.decide(addr("9.9.9.9:9"), b"x", &p1, &user), Err(DropReason::FlowLimit));
+        // A reload changes the verdict of a live flow.
+        let p2 = version(LAN_RELAY, 2);
+        let d = a.decide(addr("10.1.1.1:9"), b"x", &p2, &user).expect("decided");
+        assert_eq!((d.decision.verdict, d.changed), (Verdict::Relay, true));
+    }
+
+    #[test]
+    fn replies_only_from_direct_flows_once_the_client_is_known() {
+        let user = User::new("u", []);
+        let p1 = version(LAN_DIRECT, 1);
+        let mut a = Association::new("127.0.0.1".parse().expect("ip"), 8);
+        a.decide(addr("10.1.1.1:9"), b"x", &p1, &user).expect("decided");
+        assert_eq!(a.admit_peer(addr("10.1.1.1:9"), &p1, &user), Err(DropReason::UnknownPeer));
+        a.admit_client(addr("127.0.0.1:4000")).expect("client");
+        assert_eq!(a.admit_peer(addr("10.1.1.1:9"), &p1, &user), Ok(addr("127.0.0.1:4000")));
+        assert_eq!(a.admit_peer(addr("10.1.1.1:10"), &p1, &user), Err(DropReason::UnknownPeer));
+        a.decide(addr("8.8.8.8:9"), b"x", &p1, &user).expect("decided");
+        assert_eq!(a.admit_peer(addr("8.8.8.8:9"), &p1, &user), Err(DropReason::UnknownPeer));
+        // After a reload that makes the flow `relay`, its replies stop too.
+        let p2 = version(LAN_RELAY, 2);
+        assert_eq!(a.admit_peer(addr("10.1.1.1:9"), &p2, &user), Err(DropReason::UnknownPeer));
+    }
+}

@@ -1,0 +1,765 @@
+//! The tokio shell of the SOCKS5 server: accept loop, one task per client, UDP relaying.
+//!
+//! All decisions are made by the sans-IO parts ([`codec`], [`Association`], [`Policy`]); this
+//! module only moves bytes between sockets and does what they say. Shutdown: a cancellation token
+//! stops the accept loop and every session, then [`Server::run`] waits for the tasks to finish.
+
+use super::association::{Association, DropReason, PolicyVersion};
+use super::codec::{self, Address, Command, Method, Reply};
+use super::passwords::PasswordFile;
+use crate::identity;
+use crate::policy::{Decision, Policy, Target, User, Verdict};
+use crate::rate::TokenBucket;
+use arc_swap::ArcSwap;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+/// How the server is set up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where to listen. Without `passwords`, only a loopback address is accepted.
+    pub listen: SocketAddr,
+    /// RFC 1929 credentials; when set, every client must log in.
+    pub passwords: Option<PasswordFile>,
+    /// Clients served at once; more wait to be accepted.
+    pub max_clients: usize,
+    /// Time a client has to complete greeting, login and request.
+    pub handshake_timeout: Duration,
+    /// Time a CONNECT to a target may take.
+    pub connect_timeout: Duration,
+    /// Time sessions get to end after shutdown is requested.
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Defaults for a listener on `listen`.
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            passwords: None,
+            max_clients: 4096,
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why the server cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Listening beyond loopback without authentication would open a proxy to the network.
+    #[error("refusing to listen on {0} without authentication: only loopback may be served without a password file")]
+    Unauthenticated(SocketAddr),
+    /// The listening socket could not be set up.
+    #[error("listening on {0}: {1}")]
+    Listen(SocketAddr, io::Error),
+}
+
+/// Counters of what the server did; read them with [`Counters::snapshot`].
+#[derive(Debug, Default)]
+pub struct Counters {
+    drops: [AtomicU64; DropReason::ALL.len()],
+    /// Datagrams sent on to targets.
+    pub datagrams_out: AtomicU64,
+    /// Datagrams from targets delivered to clients.
+    pub datagrams_in: AtomicU64,
+    /// SOCKS5 sessions accepted (past the handshake).
+    pub sessions: AtomicU64,
+}
+
+impl Counters {
+    fn drop(&self, reason: DropReason) {
+        if let Some(c) = self.drops.get(reason.index()) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Drops so far for `reason`.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops
+            .get(reason.index())
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Every counter as `(name, value)`.
+    pub fn snapshot(&self) -> Vec<(String, u64)> {
+        let mut all: Vec<(String, u64)> = DropReason::ALL
+            .iter()
+            .map(|r| (format!("dropped_{}", r.as_str()), self.drops(*r)))
+            .collect();
+        all.push(("datagrams_out".into(), self.datagrams_out.load(Ordering::Relaxed)));
+        all.push(("datagrams_in".into(), self.datagrams_in.load(Ordering::Relaxed)));
+        all.push(("sessions".into(), self.sessions.load(Ordering::Relaxed)));
+        all
+    }
+}
+
+/// What one user is using right now.
+#[derive(Debug)]
+struct UserState {
+    sessions: u32,
+    packets: TokenBucket,
+}
+
+/// State shared by every session.
+#[derive(Debug)]
+struct Shared {
+    config: Config,
+    policy: ArcSwap<PolicyVersion>,
+    users: Mutex<HashMap<String, UserState>>,
+    counters: Counters,
+    /// Bounds how many block decisions are logged per second.
+    block_log: Mutex<TokenBucket>,
+}
+
+/// A handle to a running server: reload its policy, read its counters.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Handle {
+    /// Swaps in a new policy; every live flow is decided again on its next packet.
+    pub fn reload(&self, policy: Policy) -> u64 {
+        let generation = self.shared.policy.load().generation + 1;
+        self.shared.policy.store(Arc::new(PolicyVersion { policy, generation }));
+        generation
+    }
+
+    /// The server's counters.
+    pub fn counters(&self) -> &Counters {
+        &self.shared.counters
+    }
+}
+
+/// A bound SOCKS5 server, ready to [`run`](Server::run).
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Binds the listener. Fails if the configuration would expose an unauthenticated proxy.
+    pub async fn bind(config: Config, policy: Policy) -> Result<Self, Error> {
+        if config.passwords.is_none() && !config.listen.ip().to_canonical().is_loopback() {
+            return Err(Error::Unauthenticated(config.listen));
+        }
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| Error::Listen(config.listen, e))?;
+        let now = Instant::now();
+        let shared = Arc::new(Shared {
+            config,
+            policy: ArcSwap::from_pointee(PolicyVersion {
+                policy,
+                generation: 1,
+            }),
+            users: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            block_log: Mutex::new(TokenBucket::new(20, now)),
+        });
+        Ok(Self { listener, shared })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// A handle for reloads and counters.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Serves clients until `shutdown` is cancelled, then gives sessions the grace period.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let slots = Arc::new(Semaphore::new(self.shared.config.max_clients));
+        let tasks = TaskTracker::new();
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = self.listener.accept() => match r {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let shared = self.shared.clone();
+            let token = shutdown.child_token();
+            tasks.spawn(async move {
+                if let Err(e) = serve(&shared, stream, peer, token).await {
+                    debug!(client = %peer, error = %e, "session ended");
+                }
+                drop(permit);
+            });
+        }
+        tasks.close();
+        if tokio::time::timeout(self.shared.config.shutdown_grace, tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(left = tasks.len(), "sessions still running after the shutdown grace period");
+        }
+    }
+}
+
+/// Why a session ended early (logged at debug level; the client got its reply already).
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("client sent invalid SOCKS5: {0}")]
+    Protocol(#[from] codec::Error),
+    #[error("client closed the connection during the handshake")]
+    Eof,
+    #[error("handshake timed out")]
+    Timeout,
+    #[error("no acceptable authentication method offered")]
+    NoMethod,
+    #[error("login failed for {0:?}")]
+    Login(String),
+    #[error("request refused with reply {0:#04x}")]
+    Refused(u8),
+}
+
+/// Reads one message with `decode`, keeping what follows it in `buf`.
+async fn read_message<T>(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    decode: fn(&[u8]) -> codec::Decoded<T>,
+) -> Result<T, SessionError> {
+    loop {
+        if let Some((message, used)) = decode(buf)? {
+            buf.drain(..used);
+            return Ok(message);
+        }
+        if buf.len() > codec::MAX_REQUEST_LEN {
+            return Err(codec::Error::Trailing(buf.len()).into());
+        }
+        let mut chunk = [0u8; 512];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(SessionError::Eof);
+        }
+        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+    }
+}
+
+/// The unspecified address of the same family, for failure replies.
+fn unspecified_like(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    }
+}
+
+async fn refuse(stream: &mut TcpStream, reply: Reply) -> SessionError {
+    let bound = unspecified_like(stream.local_addr().unwrap_or(SocketAddr::from(([0; 4], 0))));
+    let _ = stream.write_all(&codec::encode_reply(reply, bound)).await;
+    let _ = stream.shutdown().await;
+    SessionError::Refused(reply.byte())
+}
+
+/// Greeting, login and request; returns who the client is and what it asked for.
+async fn handshake(
+    shared: &Shared,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+) -> Result<(User, codec::Request), SessionError> {
+    let mut buf = Vec::with_capacity(64);
+    let methods = read_message(stream, &mut buf, codec::decode_greeting).await?;
+    let wanted = if shared.config.passwords.is_some() {
+        Method::Password
+    } else {
+        Method::NoAuth
+    };
+    if !methods.contains(&wanted.byte()) {
+        stream.write_all(&codec::encode_method(Method::NoAcceptable)).await?;
+        return Err(SessionError::NoMethod);
+    }
+    stream.write_all(&codec::encode_method(wanted)).await?;
+
+    let mut login = None;
+    if let Some(passwords) = &shared.config.passwords {
+        let creds = read_message(stream, &mut buf, codec::decode_credentials).await?;
+        let passwords = passwords.clone();
+        let (user, pass) = (creds.username.clone(), creds.password);
+        let ok = tokio::task::spawn_blocking(move || passwords.verify(&user, &pass))
+            .await
+            .unwrap_or(false);
+        stream.write_all(&codec::encode_auth_status(ok)).await?;
+        let name = String::from_utf8_lossy(&creds.username).into_owned();
+        if !ok {
+            let _ = stream.shutdown().await;
+            return Err(SessionError::Login(name));
+        }
+        login = Some(name);
+    }
+
+    let request = match read_message(stream, &mut buf, codec::decode_request).await {
+        Ok(request) => request,
+        Err(SessionError::Protocol(e)) => {
+            refuse(stream, e.reply()).await;
+            return Err(e.into());
+        }
+        Err(e) => return Err(e),
+    };
+
+    // The kernel says who owns a local client's socket; only a remote client is known by its
+    // login name alone.
+    let local = stream.local_addr()?;
+    let user = match identity::client_uid(local, peer) {
+        Ok(Some(uid)) => identity::user_of_uid(uid).map_err(|e| e.to_string()),
+        Ok(None) => login
+            .as_deref()
+            .map(identity::user_named)
+            .ok_or_else(|| "not a local socket and no login".to_owned()),
+        Err(e) => Err(e.to_string()),
+    };
+    match user {
+        Ok(user) => Ok((user, request)),
+        Err(e) => {
+            warn!(client = %peer, error = %e, "cannot tell who the client is");
+            Err(refuse(stream, Reply::GeneralFailure).await)
+        }
+    }
+}
+
+/// One session's hold on its user's session count; released on drop.
+struct SessionSlot<'a> {
+    shared: &'a Shared,
+    user: String,
+}
+
+impl Drop for SessionSlot<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut users) = self.shared.users.lock()
+            && let Some(state) = users.get_mut(&self.user)
+        {
+            state.sessions = state.sessions.saturating_sub(1);
+            if state.sessions == 0 {
+                users.remove(&self.user);
+            }
+        }
+    }
+}
+
+fn take_session_slot<'a>(shared: &'a Shared, user: &User, max: u32) -> Option<SessionSlot<'a>> {
+    let mut users = shared.users.lock().ok()?;
+    let limits = shared.policy.load().policy.limits(user);
+    let state = users.entry(user.name().to_owned()).or_insert_with(|| UserState {
+        sessions: 0,
+        packets: TokenBucket::new(limits.max_packets_per_second, Instant::now()),
+    });
+    if state.sessions >= max {
+        return None;
+    }
+    state.sessions += 1;
+    Some(SessionSlot {
+        shared,
+        user: user.name().to_owned(),
+    })
+}
+
+async fn serve(
+    shared: &Shared,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<(), SessionError> {
+    let _ = stream.set_nodelay(true);
+    let handshake = handshake(shared, &mut stream, peer);
+    let (user, request) = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        r = tokio::time::timeout(shared.config.handshake_timeout, handshake) => {
+            r.map_err(|_| SessionError::Timeout)??
+        }
+    };
+    let limits = shared.policy.load().policy.limits(&user);
+    let Some(_slot) = take_session_slot(shared, &user, limits.max_associations) else {
+        info!(user = %user, client = %peer, limit = limits.max_associations, "session refused: too many sessions");
+        return Err(refuse(&mut stream, Reply::NotAllowed).await);
+    };
+    shared.counters.sessions.fetch_add(1, Ordering::Relaxed);
+    match request.command {
+        Command::Connect => connect(shared, stream, peer, &user, request.address, shutdown).await,
+        Command::UdpAssociate => {
+            associate(shared, stream, peer, user, request.address, limits.max_flows_per_association, shutdown).await
+        }
+        Command::Bind => Err(refuse(&mut stream, Reply::CommandNotSupported).await),
+    }
+}
+
+/// Resolves a target once; the policy judges, and the connection uses, that one address.
+async fn resolve(address: &Address) -> Option<SocketAddr> {
+    match address {
+        Address::Ip(addr) => Some(*addr),
+        Address::Domain(name, port) => tokio::net::lookup_host((name.as_str(), *port))
+            .await
+            .ok()?
+            .next(),
+    }
+}
+
+fn log_decision(shared: &Shared, user: &User, client: SocketAddr, target: SocketAddr, decision: &Decision) {
+    if decision.verdict == Verdict::Block {
+        let allowed = shared
+            .block_log
+            .lock()
+            .map(|mut b| b.take(Instant::now()))
+            .unwrap_or(false);
+        if !allowed {
+            return;
+        }
+    }
+    info!(user = %user, client = %client, target = %target, rule = %decision.rule, verdict = %decision.verdict, "decision");
+}
+
+fn connect_error_reply(e: &io::Error) -> Reply {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => Reply::ConnectionRefused,
+        io::ErrorKind::NetworkUnreachable => Reply::NetworkUnreachable,
+        io::ErrorKind::HostUnreachable => Reply::HostUnreachable,
+        io::ErrorKind::TimedOut => Reply::TtlExpired,
+        _ => Reply::GeneralFailure,
+    }
+}
+
+async fn connect(
+    shared: &Shared,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    user: &User,
+    address: Address,
+    shutdown: CancellationToken,
+) -> Result<(), SessionError> {
+    let Some(target) = resolve(&address).await else {
+        info!(user = %user, client = %peer, target = %address, "cannot resolve target");
+        return Err(refuse(&mut stream, Reply::HostUnreachable).await);
+    };
+    let decision = shared.policy.load().policy.decide(user, &Target::tcp(target));
+    log_decision(shared, user, peer, target, &decision);
+    match decision.verdict {
+        Verdict::Block => return Err(refuse(&mut stream, Reply::NotAllowed).await),
+        Verdict::Relay => {
+            shared.counters.drop(DropReason::RelayUnavailable);
+            return Err(refuse(&mut stream, Reply::GeneralFailure).await);
+        }
+        Verdict::Direct => {}
+    }
+    let outbound = match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(target)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(refuse(&mut stream, connect_error_reply(&e)).await),
+        Err(_) => return Err(refuse(&mut stream, Reply::TtlExpired).await),
+    };
+    let _ = outbound.set_nodelay(true);
+    let bound = outbound.local_addr()?;
+    stream.write_all(&codec::encode_reply(Reply::Succeeded, bound)).await?;
+    let mut outbound = outbound;
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        r = tokio::io::copy_bidirectional(&mut stream, &mut outbound) => { r?; }
+    }
+    Ok(())
+}
+
+/// Room kept in front of a received payload for the SOCKS5 header of the largest address.
+const HEADROOM: usize = 22;
+/// Largest UDP payload plus headroom.
+const BUFFER_LEN: usize = HEADROOM + 65_536;
+/// Datagrams handled per wake-up before yielding to other tasks.
+const BATCH: usize = 64;
+
+thread_local! {
+    /// One receive buffer per worker thread, shared by every association on it: an idle
+    /// association holds no buffer at all.
+    static BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; BUFFER_LEN].into_boxed_slice());
+}
+
+/// The sockets and state of one UDP association.
+struct Relay<'a> {
+    shared: &'a Shared,
+    user: User,
+    association: Association,
+    client_socket: UdpSocket,
+    out_v4: Option<UdpSocket>,
+    out_v6: Option<UdpSocket>,
+    /// Domain targets resolved once for the life of the association.
+    names: HashMap<(String, u16), SocketAddr>,
+    max_names: usize,
+}
+
+/// A datagram to a domain target whose name must be resolved first.
+struct Unresolved {
+    name: String,
+    port: u16,
+    datagram: Vec<u8>,
+}
+
+fn outbound_socket(v6: bool) -> io::Result<UdpSocket> {
+    let socket = if v6 {
+        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None)?;
+        s.set_only_v6(true)?;
+        s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)).into())?;
+        s
+    } else {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+        s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)).into())?;
+        s
+    };
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// Sends at once, without waiting for the runtime to report the socket writable (a UDP socket
+/// almost always is; when its buffer is full the datagram is dropped, as the network would).
+fn send_now(socket: &UdpSocket, payload: &[u8], to: SocketAddr) -> io::Result<usize> {
+    socket2::SockRef::from(socket).send_to(payload, &to.into())
+}
+
+async fn readable(socket: Option<&UdpSocket>) -> io::Result<()> {
+    match socket {
+        Some(s) => s.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Relay<'_> {
+    /// Handles datagrams waiting on the client socket. Returns one that needs a name resolved.
+    fn drain_client(&mut self) -> Option<Unresolved> {
+        BUFFER.with_borrow_mut(|buf| {
+            for _ in 0..BATCH {
+                let (n, from) = match self.client_socket.try_recv_from(buf) {
+                    Ok(received) => received,
+                    Err(_) => return None,
+                };
+                let datagram = buf.get(..n).unwrap_or_default();
+                if let Some(pending) = self.client_datagram(from, datagram) {
+                    return Some(pending);
+                }
+            }
+            None
+        })
+    }
+
+    fn client_datagram(&mut self, from: SocketAddr, datagram: &[u8]) -> Option<Unresolved> {
+        let counters = &self.shared.counters;
+        if let Err(reason) = self.association.admit_client(from) {
+            counters.drop(reason);
+            return None;
+        }
+        let parsed = match codec::decode_datagram(datagram) {
+            Ok(d) => d,
+            Err(_) => {
+                counters.drop(DropReason::Malformed);
+                return None;
+            }
+        };
+        if parsed.frag != 0 {
+            counters.drop(DropReason::Fragmented);
+            return None;
+        }
+        let target = match &parsed.target {
+            Address::Ip(addr) => *addr,
+            Address::Domain(name, port) => match self.names.get(&(name.clone(), *port)) {
+                Some(addr) => *addr,
+                None => {
+                    return Some(Unresolved {
+                        name: name.clone(),
+                        port: *port,
+                        datagram: datagram.to_vec(),
+                    });
+                }
+            },
+        };
+        self.forward(target, parsed.payload);
+        None
+    }
+
+    /// Applies policy and limits to one payload for `target`, and sends it if allowed.
+    fn forward(&mut self, target: SocketAddr, payload: &[u8]) {
+        let shared = self.shared;
+        let policy = shared.policy.load();
+        let decision = match self.association.decide(target, payload, &policy, &self.user) {
+            Ok(d) => d,
+            Err(reason) => {
+                shared.counters.drop(reason);
+                return;
+            }
+        };
+        if decision.changed {
+            let client = self.association.client().unwrap_or(target);
+            log_decision(shared, &self.user, client, target, &decision.decision);
+        }
+        match decision.decision.verdict {
+            Verdict::Block => return shared.counters.drop(DropReason::Blocked),
+            Verdict::Relay => return shared.counters.drop(DropReason::RelayUnavailable),
+            Verdict::Direct => {}
+        }
+        if !self.take_packet_token(&policy) {
+            return shared.counters.drop(DropReason::RateLimit);
+        }
+        let target = super::association::canonical(target);
+        let slot = if target.is_ipv4() { &mut self.out_v4 } else { &mut self.out_v6 };
+        if slot.is_none() {
+            match outbound_socket(target.is_ipv6()) {
+                Ok(s) => *slot = Some(s),
+                Err(e) => {
+                    warn!(user = %self.user, error = %e, "cannot open an outbound socket");
+                    return shared.counters.drop(DropReason::SendFailed);
+                }
+            }
+        }
+        let sent = slot.as_ref().map(|s| send_now(s, payload, target));
+        match sent {
+            Some(Ok(_)) => {
+                shared.counters.datagrams_out.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => shared.counters.drop(DropReason::SendFailed),
+        }
+    }
+
+    fn take_packet_token(&self, policy: &PolicyVersion) -> bool {
+        let Ok(mut users) = self.shared.users.lock() else {
+            return false;
+        };
+        let Some(state) = users.get_mut(self.user.name()) else {
+            return false;
+        };
+        state.packets.set_rate(policy.policy.limits(&self.user).max_packets_per_second);
+        state.packets.take(Instant::now())
+    }
+
+    /// Handles datagrams waiting on an outbound socket: replies from targets.
+    fn drain_peers(&mut self, v6: bool) {
+        let shared = self.shared;
+        BUFFER.with_borrow_mut(|buf| {
+            for _ in 0..BATCH {
+                let socket = if v6 { self.out_v6.as_ref() } else { self.out_v4.as_ref() };
+                let Some(socket) = socket else { return };
+                let Some(space) = buf.get_mut(HEADROOM..) else { return };
+                let (n, from) = match socket.try_recv_from(space) {
+                    Ok(received) => received,
+                    Err(_) => return,
+                };
+                let policy = shared.policy.load();
+                let client = match self.association.admit_peer(from, &policy, &self.user) {
+                    Ok(client) => client,
+                    Err(reason) => {
+                        shared.counters.drop(reason);
+                        continue;
+                    }
+                };
+                let from = super::association::canonical(from);
+                let start = HEADROOM - codec::datagram_header_len(from);
+                let mut header = Vec::with_capacity(HEADROOM);
+                codec::encode_datagram_header(&mut header, from);
+                let Some(out) = buf.get_mut(start..HEADROOM + n) else { continue };
+                if let Some(head) = out.get_mut(..header.len()) {
+                    head.copy_from_slice(&header);
+                }
+                match send_now(&self.client_socket, out, client) {
+                    Ok(_) => {
+                        shared.counters.datagrams_in.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => shared.counters.drop(DropReason::SendFailed),
+                }
+            }
+        });
+    }
+
+    async fn resolve_and_forward(&mut self, pending: Unresolved) {
+        let key = (pending.name, pending.port);
+        let resolved = if self.names.len() >= self.max_names {
+            None
+        } else {
+            resolve(&Address::Domain(key.0.clone(), key.1)).await
+        };
+        let Some(addr) = resolved else {
+            self.shared.counters.drop(DropReason::Unresolved);
+            return;
+        };
+        self.names.insert(key, addr);
+        if let Ok(parsed) = codec::decode_datagram(&pending.datagram) {
+            self.forward(addr, parsed.payload);
+        }
+    }
+}
+
+async fn associate(
+    shared: &Shared,
+    mut control: TcpStream,
+    peer: SocketAddr,
+    user: User,
+    declared: Address,
+    max_flows: u32,
+    shutdown: CancellationToken,
+) -> Result<(), SessionError> {
+    // The UDP socket faces the client, on the address the client reached us at.
+    let local = control.local_addr()?;
+    let client_socket = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
+        Ok(s) => s,
+        Err(_) => return Err(refuse(&mut control, Reply::GeneralFailure).await),
+    };
+    let bound = client_socket.local_addr()?;
+    control.write_all(&codec::encode_reply(Reply::Succeeded, bound)).await?;
+    info!(user = %user, client = %peer, udp = %bound, declared = %declared, "udp association open");
+
+    let mut relay = Relay {
+        shared,
+        user,
+        association: Association::new(peer.ip(), max_flows),
+        client_socket,
+        out_v4: None,
+        out_v6: None,
+        names: HashMap::new(),
+        max_names: usize::try_from(max_flows).unwrap_or(usize::MAX),
+    };
+    let mut control_byte = [0u8; 64];
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            // RFC 1928 §7: the association ends when its TCP connection does.
+            r = control.read(&mut control_byte) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            },
+            r = relay.client_socket.readable() => {
+                r?;
+                if let Some(pending) = relay.drain_client() {
+                    relay.resolve_and_forward(pending).await;
+                }
+            }
+            r = readable(relay.out_v4.as_ref()) => { r?; relay.drain_peers(false); }
+            r = readable(relay.out_v6.as_ref()) => { r?; relay.drain_peers(true); }
+        }
+    }
+    info!(user = %relay.user, client = %peer, flows = relay.association.flow_count(), "udp association closed");
+    Ok(())
+}
