@@ -121,25 +121,46 @@ mod tests {
 
     #[test]
     fn finds_the_owner_of_the_client_socket() {
-        assert_eq!(owner_in_table(TCP, addr("127.0.0.1:54321"), addr("127.0.0.1:1080")), Some(1001));
+        assert_eq!(
+            owner_in_table(TCP, addr("127.0.0.1:54321"), addr("127.0.0.1:1080")),
+            Some(1001)
+        );
         // The listener's own line does not match a client.
-        assert_eq!(owner_in_table(TCP, addr("127.0.0.1:54322"), addr("127.0.0.1:1080")), None);
-        assert_eq!(owner_in_table(TCP6, addr("[::1]:50000"), addr("[::1]:1080")), Some(1002));
+        assert_eq!(
+            owner_in_table(TCP, addr("127.0.0.1:54322"), addr("127.0.0.1:1080")),
+            None
+        );
+        assert_eq!(
+            owner_in_table(TCP6, addr("[::1]:50000"), addr("[::1]:1080")),
+            Some(1002)
+        );
         // A v4 client on a dual-stack listener appears v4-mapped.
-        assert_eq!(owner_in_table(TCP6, addr("127.0.0.1:50001"), addr("127.0.0.1:1080")), Some(1003));
+        assert_eq!(
+            owner_in_table(TCP6, addr("127.0.0.1:50001"), addr("127.0.0.1:1080")),
+            Some(1003)
+        );
     }
 
     #[test]
     fn garbage_tables_match_nothing() {
-        for t in ["", "header\n", "h\n 0: zz:zz 00:00 01 0 0 0 abc\n", "h\n 0: 0100007F:D431\n"] {
-            assert_eq!(owner_in_table(t, addr("127.0.0.1:54321"), addr("127.0.0.1:1080")), None);
+        for t in [
+            "",
+            "header\n",
+            "h\n 0: zz:zz 00:00 01 0 0 0 abc\n",
+            "h\n 0: 0100007F:D431\n",
+        ] {
+            assert_eq!(
+                owner_in_table(t, addr("127.0.0.1:54321"), addr("127.0.0.1:1080")),
+                None
+            );
         }
     }
 
     #[test]
     fn identifies_a_real_local_connection() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let client = std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (_server, peer) = listener.accept().expect("accept");
         let uid = client_uid(listener.local_addr().expect("addr"), peer).expect("table");
         assert_eq!(uid, Some(nix::unistd::geteuid().as_raw()));

@@ -2,8 +2,8 @@
 //!
 //! The library holds all logic; `src/main.rs` is a thin command-line shell around it.
 
-pub mod policy;
-pub mod traffic;
 pub mod identity;
+pub mod policy;
 pub mod rate;
 pub mod socks5;
+pub mod traffic;

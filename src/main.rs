@@ -16,7 +16,11 @@ use veil::socks5::server::{Config, Server};
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "veil", version, about = "A policy-enforcing UDP privacy sidecar for calling apps")]
+#[command(
+    name = "veil",
+    version,
+    about = "A policy-enforcing UDP privacy sidecar for calling apps"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -99,7 +103,10 @@ fn main() -> ExitCode {
             let policy = match load_policy(&policy_dir) {
                 Ok(p) => p,
                 Err(e) => {
-                    error!("policy {} is invalid, not starting:\n{e}", policy_dir.display());
+                    error!(
+                        "policy {} is invalid, not starting:\n{e}",
+                        policy_dir.display()
+                    );
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
@@ -165,7 +172,9 @@ fn passwd(user: &str) -> anyhow::Result<String> {
         anyhow::bail!("user name must be 1 to 255 bytes without ':'");
     }
     let mut input = String::new();
-    std::io::stdin().read_to_string(&mut input).context("reading the password")?;
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .context("reading the password")?;
     let password = input.trim_end_matches(['\r', '\n']);
     if password.is_empty() || password.len() > 255 {
         anyhow::bail!("password must be 1 to 255 bytes");
@@ -175,8 +184,16 @@ fn passwd(user: &str) -> anyhow::Result<String> {
     Ok(format!("{user}:{hash}"))
 }
 
-fn run_daemon(config: Config, policy: Policy, policy_dir: Option<PathBuf>, banner: bool) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+fn run_daemon(
+    config: Config,
+    policy: Policy,
+    policy_dir: Option<PathBuf>,
+    banner: bool,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("veil: cannot start the runtime: {e}");

@@ -198,8 +198,7 @@ impl Rule {
         (self.transports.is_empty() || self.transports.contains(&target.transport))
             && (self.traffic.is_empty()
                 || target.traffic.is_some_and(|t| self.traffic.contains(&t)))
-            && (self.ports.is_empty()
-                || self.ports.iter().any(|r| r.contains(&target.addr.port())))
+            && (self.ports.is_empty() || self.ports.iter().any(|r| r.contains(&target.addr.port())))
             && self.networks.iter().any(|n| n.contains(&ip))
     }
 }
@@ -244,7 +243,9 @@ impl Policy {
     pub fn limits(&self, user: &User) -> Limits {
         let built_in = Limits::default();
         let pick = |f: fn(&PartialLimits) -> Option<u32>, default: u32| {
-            self.chain(user).find_map(|s| f(&s.limits)).unwrap_or(default)
+            self.chain(user)
+                .find_map(|s| f(&s.limits))
+                .unwrap_or(default)
         };
         Limits {
             max_associations: pick(|l| l.max_associations, built_in.max_associations),
@@ -296,17 +297,17 @@ fn non_public_networks() -> [IpNet; 14] {
     let v4 = |a, b, c, d, len| IpNet::V4(Ipv4Net::new_assert(V4::new(a, b, c, d), len));
     let v6 = |addr: V6, len| IpNet::V6(Ipv6Net::new_assert(addr, len));
     [
-        v4(0, 0, 0, 0, 8),           // "this network"
-        v4(10, 0, 0, 0, 8),          // RFC 1918
-        v4(100, 64, 0, 0, 10),       // CGNAT, RFC 6598
-        v4(127, 0, 0, 0, 8),         // loopback
-        v4(169, 254, 0, 0, 16),      // link-local
-        v4(172, 16, 0, 0, 12),       // RFC 1918
-        v4(192, 168, 0, 0, 16),      // RFC 1918
-        v4(224, 0, 0, 0, 4),         // multicast
-        v4(255, 255, 255, 255, 32),  // limited broadcast
-        v6(V6::UNSPECIFIED, 128),    // ::
-        v6(V6::LOCALHOST, 128),      // ::1
+        v4(0, 0, 0, 0, 8),                            // "this network"
+        v4(10, 0, 0, 0, 8),                           // RFC 1918
+        v4(100, 64, 0, 0, 10),                        // CGNAT, RFC 6598
+        v4(127, 0, 0, 0, 8),                          // loopback
+        v4(169, 254, 0, 0, 16),                       // link-local
+        v4(172, 16, 0, 0, 12),                        // RFC 1918
+        v4(192, 168, 0, 0, 16),                       // RFC 1918
+        v4(224, 0, 0, 0, 4),                          // multicast
+        v4(255, 255, 255, 255, 32),                   // limited broadcast
+        v6(V6::UNSPECIFIED, 128),                     // ::
+        v6(V6::LOCALHOST, 128),                       // ::1
         v6(V6::new(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7),  // ULA
         v6(V6::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10), // link-local
         v6(V6::new(0xff00, 0, 0, 0, 0, 0, 0, 0), 8),  // multicast

@@ -52,9 +52,7 @@ impl TrafficClass {
             128..=191 if packet.len() >= 12 => Self::Rtp,
             // A long header carries a 4-byte version; version 0 is version negotiation, which a
             // client never sends first.
-            192..=255 if packet.len() >= 7 && packet.get(1..5) != Some(&[0, 0, 0, 0]) => {
-                Self::Quic
-            }
+            192..=255 if packet.len() >= 7 && packet.get(1..5) != Some(&[0, 0, 0, 0]) => Self::Quic,
             _ => Self::Other,
         }
     }
@@ -104,7 +102,12 @@ mod tests {
             (&[], TrafficClass::Other),
             (b"hello", TrafficClass::Other),
             // STUN range without the cookie is not STUN.
-            (&[0x00, 0x01, 0, 0, 1, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], TrafficClass::Other),
+            (
+                &[
+                    0x00, 0x01, 0, 0, 1, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                ],
+                TrafficClass::Other,
+            ),
             // TURN ChannelData and ZRTP are not in any class of their own.
             (&[0x40, 0x00, 0x00, 0x04, 1, 2, 3, 4], TrafficClass::Other),
             (&[17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], TrafficClass::Other),

@@ -440,11 +440,15 @@ pub fn from_files<'a>(
 ) -> Result<Policy, PolicyErrors> {
     let mut errors = Vec::new();
     let mut default = None;
+    let mut default_seen = false;
     let mut users = HashMap::new();
     let mut groups = HashMap::new();
     for (path, text) in files {
         let (kind, slot) = match place_of(path) {
-            Some(Place::Default) => (FileKind::Default, None),
+            Some(Place::Default) => {
+                default_seen = true;
+                (FileKind::Default, None)
+            }
             Some(Place::User(name)) => (FileKind::Specific, Some((&mut users, name))),
             Some(Place::Group(name)) => (FileKind::Specific, Some((&mut groups, name))),
             None => {
@@ -470,7 +474,15 @@ pub fn from_files<'a>(
             rules,
             fallback: Some(fallback),
         }) => Some((rules, fallback)),
-        _ => None,
+        Some(_) => None,
+        None if default_seen => None,
+        None => {
+            errors.push(LoadError::Path {
+                path: "default.toml".to_owned(),
+                message: "missing: every policy directory needs a default.toml".to_owned(),
+            });
+            None
+        }
     };
     match default {
         Some((default, fallback)) if errors.is_empty() => Ok(Policy {
@@ -480,10 +492,6 @@ pub fn from_files<'a>(
             users,
             groups,
         }),
-        None if errors.is_empty() => Err(PolicyErrors(vec![LoadError::Path {
-            path: "default.toml".to_owned(),
-            message: "missing: every policy directory needs a default.toml".to_owned(),
-        }])),
         _ => Err(PolicyErrors(errors)),
     }
 }
@@ -523,7 +531,10 @@ pub fn load_dir(dir: &Path, enforce_ownership: bool) -> Result<Policy, PolicyErr
         }
         let mut problems = Vec::new();
         if meta.uid() != 0 {
-            problems.push(format!("owned by uid {}, must be owned by root", meta.uid()));
+            problems.push(format!(
+                "owned by uid {}, must be owned by root",
+                meta.uid()
+            ));
         }
         if meta.mode() & 0o022 != 0 {
             problems.push(format!(

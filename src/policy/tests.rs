@@ -70,24 +70,73 @@ fn first_match_wins_in_user_group_default_order() {
     let carol = User::new("carol", []);
     let cases: &[(&User, Target, Verdict, &str)] = &[
         // alice's own file comes before her group's.
-        (&alice, udp("10.9.9.1:5000"), Verdict::Block, "users/alice.toml rule[1] \"alice-blocked-lab\""),
+        (
+            &alice,
+            udp("10.9.9.1:5000"),
+            Verdict::Block,
+            "users/alice.toml rule[1] \"alice-blocked-lab\"",
+        ),
         // bob has no file: his group's rule applies.
-        (&bob, udp("10.9.9.1:5000"), Verdict::Direct, "groups/staff.toml rule[1] \"staff-lab\""),
+        (
+            &bob,
+            udp("10.9.9.1:5000"),
+            Verdict::Direct,
+            "groups/staff.toml rule[1] \"staff-lab\"",
+        ),
         // carol is in no group: the default's LAN rule.
-        (&carol, udp("10.9.9.1:5000"), Verdict::Direct, "default.toml rule[1] \"lan\""),
+        (
+            &carol,
+            udp("10.9.9.1:5000"),
+            Verdict::Direct,
+            "default.toml rule[1] \"lan\"",
+        ),
         // ports are inclusive at both ends.
-        (&carol, udp("203.0.113.5:137"), Verdict::Block, "default.toml rule[2] \"no-smb\""),
-        (&carol, udp("203.0.113.5:139"), Verdict::Block, "default.toml rule[2] \"no-smb\""),
-        (&carol, udp("203.0.113.5:140"), Verdict::Relay, "default.toml fallback"),
-        (&carol, Target::tcp("203.0.113.5:445".parse().expect("addr")), Verdict::Block, "default.toml rule[2] \"no-smb\""),
+        (
+            &carol,
+            udp("203.0.113.5:137"),
+            Verdict::Block,
+            "default.toml rule[2] \"no-smb\"",
+        ),
+        (
+            &carol,
+            udp("203.0.113.5:139"),
+            Verdict::Block,
+            "default.toml rule[2] \"no-smb\"",
+        ),
+        (
+            &carol,
+            udp("203.0.113.5:140"),
+            Verdict::Relay,
+            "default.toml fallback",
+        ),
+        (
+            &carol,
+            Target::tcp("203.0.113.5:445".parse().expect("addr")),
+            Verdict::Block,
+            "default.toml rule[2] \"no-smb\"",
+        ),
         // traffic class is seen only for UDP.
-        (&carol, Target::tcp("203.0.113.5:3478".parse().expect("addr")), Verdict::Relay, "default.toml fallback"),
+        (
+            &carol,
+            Target::tcp("203.0.113.5:3478".parse().expect("addr")),
+            Verdict::Relay,
+            "default.toml fallback",
+        ),
         // IPv4-mapped networks in a file match IPv4 addresses.
-        (&bob, udp("172.16.3.4:9"), Verdict::Direct, "groups/staff.toml rule[1] \"staff-lab\""),
+        (
+            &bob,
+            udp("172.16.3.4:9"),
+            Verdict::Direct,
+            "groups/staff.toml rule[1] \"staff-lab\"",
+        ),
     ];
     for (user, target, verdict, rule) in cases {
         let d = p.decide(user, target);
-        assert_eq!((d.verdict, &*d.rule), (*verdict, *rule), "{user} -> {target:?}");
+        assert_eq!(
+            (d.verdict, &*d.rule),
+            (*verdict, *rule),
+            "{user} -> {target:?}"
+        );
     }
 }
 
@@ -139,13 +188,19 @@ fn direct_to_public_address_space_needs_the_explicit_field() {
         "{errors:?}"
     );
     let allowed = format!("{text}expose_user_address_to_peers = true\n");
-    assert_eq!(parse_text("default.toml", &allowed, FileKind::Default), Ok(()));
+    assert_eq!(
+        parse_text("default.toml", &allowed, FileKind::Default),
+        Ok(())
+    );
     // TCP-only direct rules to public space are allowed: the guard is about peer-to-peer UDP.
     let tcp = format!("{text}transport = [\"tcp\"]\n");
     assert_eq!(parse_text("default.toml", &tcp, FileKind::Default), Ok(()));
     // v4-mapped or the whole v6 space is caught as well.
     let mapped = "fallback = \"block\"\n[[rule]]\nverdict = \"direct\"\nnetworks = [\"::ffff:8.8.8.0/120\"]\n";
-    assert_eq!(field_errors("default.toml", mapped, FileKind::Default).len(), 1);
+    assert_eq!(
+        field_errors("default.toml", mapped, FileKind::Default).len(),
+        1
+    );
 }
 
 #[test]
@@ -181,14 +236,22 @@ traffic = ["rtp"]
 
 #[test]
 fn unknown_fields_and_bad_types_are_errors_with_field_names() {
-    let unknown = "fallback = \"relay\"\n[[rule]]\nverdict = \"relay\"\nnetworks = [\"::/0\"]\nport = [5]\n";
+    let unknown =
+        "fallback = \"relay\"\n[[rule]]\nverdict = \"relay\"\nnetworks = [\"::/0\"]\nport = [5]\n";
     let e = field_errors("default.toml", unknown, FileKind::Default);
     assert_eq!(e.len(), 1);
-    assert!(e[0].starts_with("default.toml:5:1: rule[1].port: unknown field `port`"), "{e:?}");
+    assert!(
+        e[0].starts_with("default.toml:5:1: rule[1].port: unknown field `port`"),
+        "{e:?}"
+    );
 
-    let bad_verdict = "fallback = \"relay\"\n[[rule]]\nverdict = \"allow\"\nnetworks = [\"::/0\"]\n";
+    let bad_verdict =
+        "fallback = \"relay\"\n[[rule]]\nverdict = \"allow\"\nnetworks = [\"::/0\"]\n";
     let e = field_errors("default.toml", bad_verdict, FileKind::Default);
-    assert!(e[0].starts_with("default.toml:3:11: rule[1].verdict: unknown variant `allow`"), "{e:?}");
+    assert!(
+        e[0].starts_with("default.toml:3:11: rule[1].verdict: unknown variant `allow`"),
+        "{e:?}"
+    );
 
     let missing = "[[rule]]\nverdict = \"relay\"\nnetworks = [\"::/0\"]\n";
     let e = field_errors("default.toml", missing, FileKind::Default);
@@ -206,10 +269,16 @@ fn every_file_error_is_collected_and_misplaced_files_refused() {
     let text = errors.to_string();
     assert_eq!(errors.0.len(), 3, "{text}");
     assert!(text.contains("default.toml:1:12: fallback:"), "{text}");
-    assert!(text.contains("users/bob.toml:1:1: rule[1]: missing field `networks`"), "{text}");
+    assert!(
+        text.contains("users/bob.toml:1:1: rule[1]: missing field `networks`"),
+        "{text}"
+    );
     assert!(text.contains("alice.toml: not a policy file"), "{text}");
     let none = from_files([("users/bob.toml", "")]).expect_err("no default");
-    assert_eq!(none.to_string(), "default.toml: missing: every policy directory needs a default.toml");
+    assert_eq!(
+        none.to_string(),
+        "default.toml: missing: every policy directory needs a default.toml"
+    );
 }
 
 #[test]

@@ -160,11 +160,14 @@ impl Association {
                     changed: false,
                 });
             }
-            let decision = policy.policy.decide(user, &Target {
-                addr: target,
-                transport: crate::policy::Transport::Udp,
-                traffic: Some(flow.traffic),
-            });
+            let decision = policy.policy.decide(
+                user,
+                &Target {
+                    addr: target,
+                    transport: crate::policy::Transport::Udp,
+                    traffic: Some(flow.traffic),
+                },
+            );
             let changed = decision.verdict != flow.decision.verdict;
             flow.decision = decision.clone();
             flow.generation = policy.generation;
@@ -175,11 +178,14 @@ impl Association {
         }
         let traffic = TrafficClass::of(packet);
         let decision = policy.policy.decide(user, &Target::udp(target, packet));
-        self.flows.insert(target, Flow {
-            decision: decision.clone(),
-            traffic,
-            generation: policy.generation,
-        });
+        self.flows.insert(
+            target,
+            Flow {
+                decision: decision.clone(),
+                traffic,
+                generation: policy.generation,
+            },
+        );
         Ok(FlowDecision {
             decision,
             changed: true,
@@ -239,11 +245,17 @@ mod tests {
     #[test]
     fn only_the_control_connections_ip_may_use_it_and_the_first_port_sticks() {
         let mut a = Association::new("127.0.0.1".parse().expect("ip"), 4);
-        assert_eq!(a.admit_client(addr("127.0.0.2:5000")), Err(DropReason::ForeignSource));
+        assert_eq!(
+            a.admit_client(addr("127.0.0.2:5000")),
+            Err(DropReason::ForeignSource)
+        );
         assert_eq!(a.admit_client(addr("[::ffff:127.0.0.1]:5000")), Ok(()));
         assert_eq!(a.client(), Some(addr("127.0.0.1:5000")));
         assert_eq!(a.admit_client(addr("127.0.0.1:5000")), Ok(()));
-        assert_eq!(a.admit_client(addr("127.0.0.1:5001")), Err(DropReason::ForeignSource));
+        assert_eq!(
+            a.admit_client(addr("127.0.0.1:5001")),
+            Err(DropReason::ForeignSource)
+        );
     }
 
     #[test]
@@ -251,16 +263,27 @@ mod tests {
         let user = User::new("u", []);
         let mut a = Association::new("127.0.0.1".parse().expect("ip"), 2);
         let p1 = version(LAN_DIRECT, 1);
-        let d = a.decide(addr("10.1.1.1:9"), b"x", &p1, &user).expect("decided");
+        let d = a
+            .decide(addr("10.1.1.1:9"), b"x", &p1, &user)
+            .expect("decided");
         assert_eq!((d.decision.verdict, d.changed), (Verdict::Direct, true));
-        let d = a.decide(addr("10.1.1.1:9"), b"x", &p1, &user).expect("decided");
+        let d = a
+            .decide(addr("10.1.1.1:9"), b"x", &p1, &user)
+            .expect("decided");
         assert_eq!((d.decision.verdict, d.changed), (Verdict::Direct, false));
-        let d = a.decide(addr("8.8.8.8:9"), b"x", &p1, &user).expect("decided");
+        let d = a
+            .decide(addr("8.8.8.8:9"), b"x", &p1, &user)
+            .expect("decided");
         assert_eq!(d.decision.verdict, Verdict::Block);
-        assert_eq!(a.decide(addr("9.9.9.9:9"), b"x", &p1, &user), Err(DropReason::FlowLimit));
+        assert_eq!(
+            a.decide(addr("9.9.9.9:9"), b"x", &p1, &user),
+            Err(DropReason::FlowLimit)
+        );
         // A reload changes the verdict of a live flow.
         let p2 = version(LAN_RELAY, 2);
-        let d = a.decide(addr("10.1.1.1:9"), b"x", &p2, &user).expect("decided");
+        let d = a
+            .decide(addr("10.1.1.1:9"), b"x", &p2, &user)
+            .expect("decided");
         assert_eq!((d.decision.verdict, d.changed), (Verdict::Relay, true));
     }
 
@@ -269,15 +292,32 @@ mod tests {
         let user = User::new("u", []);
         let p1 = version(LAN_DIRECT, 1);
         let mut a = Association::new("127.0.0.1".parse().expect("ip"), 8);
-        a.decide(addr("10.1.1.1:9"), b"x", &p1, &user).expect("decided");
-        assert_eq!(a.admit_peer(addr("10.1.1.1:9"), &p1, &user), Err(DropReason::UnknownPeer));
+        a.decide(addr("10.1.1.1:9"), b"x", &p1, &user)
+            .expect("decided");
+        assert_eq!(
+            a.admit_peer(addr("10.1.1.1:9"), &p1, &user),
+            Err(DropReason::UnknownPeer)
+        );
         a.admit_client(addr("127.0.0.1:4000")).expect("client");
-        assert_eq!(a.admit_peer(addr("10.1.1.1:9"), &p1, &user), Ok(addr("127.0.0.1:4000")));
-        assert_eq!(a.admit_peer(addr("10.1.1.1:10"), &p1, &user), Err(DropReason::UnknownPeer));
-        a.decide(addr("8.8.8.8:9"), b"x", &p1, &user).expect("decided");
-        assert_eq!(a.admit_peer(addr("8.8.8.8:9"), &p1, &user), Err(DropReason::UnknownPeer));
+        assert_eq!(
+            a.admit_peer(addr("10.1.1.1:9"), &p1, &user),
+            Ok(addr("127.0.0.1:4000"))
+        );
+        assert_eq!(
+            a.admit_peer(addr("10.1.1.1:10"), &p1, &user),
+            Err(DropReason::UnknownPeer)
+        );
+        a.decide(addr("8.8.8.8:9"), b"x", &p1, &user)
+            .expect("decided");
+        assert_eq!(
+            a.admit_peer(addr("8.8.8.8:9"), &p1, &user),
+            Err(DropReason::UnknownPeer)
+        );
         // After a reload that makes the flow `relay`, its replies stop too.
         let p2 = version(LAN_RELAY, 2);
-        assert_eq!(a.admit_peer(addr("10.1.1.1:9"), &p2, &user), Err(DropReason::UnknownPeer));
+        assert_eq!(
+            a.admit_peer(addr("10.1.1.1:9"), &p2, &user),
+            Err(DropReason::UnknownPeer)
+        );
     }
 }

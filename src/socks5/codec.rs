@@ -458,10 +458,19 @@ mod tests {
     fn credentials() {
         let buf = [1, 3, b'b', b'o', b'b', 2, b'p', b'w'];
         let (c, used) = decode_credentials(&buf).expect("valid").expect("complete");
-        assert_eq!((c.username.as_slice(), c.password.as_slice(), used), (&b"bob"[..], &b"pw"[..], 8));
+        assert_eq!(
+            (c.username.as_slice(), c.password.as_slice(), used),
+            (&b"bob"[..], &b"pw"[..], 8)
+        );
         assert_eq!(decode_credentials(&buf[..7]), Ok(None));
-        assert_eq!(decode_credentials(&[1, 0, 1, b'x']), Err(Error::EmptyCredential));
-        assert_eq!(decode_credentials(&[5, 1, b'a', 1, b'b']), Err(Error::Version(5)));
+        assert_eq!(
+            decode_credentials(&[1, 0, 1, b'x']),
+            Err(Error::EmptyCredential)
+        );
+        assert_eq!(
+            decode_credentials(&[5, 1, b'a', 1, b'b']),
+            Err(Error::Version(5))
+        );
     }
 
     #[test]
@@ -469,20 +478,34 @@ mod tests {
         let v4 = [5, 1, 0, 1, 127, 0, 0, 1, 0x1f, 0x90];
         assert_eq!(
             decode_request(&v4),
-            Ok(Some((Request { command: Command::Connect, address: Address::Ip(sock("127.0.0.1:8080")) }, 10)))
+            Ok(Some((
+                Request {
+                    command: Command::Connect,
+                    address: Address::Ip(sock("127.0.0.1:8080"))
+                },
+                10
+            )))
         );
         let mut v6 = vec![5, 3, 0, 4];
         v6.extend_from_slice(&Ipv6Addr::LOCALHOST.octets());
         v6.extend_from_slice(&[0, 0]);
         assert_eq!(
-            decode_request(&v6).expect("valid").expect("complete").0.command,
+            decode_request(&v6)
+                .expect("valid")
+                .expect("complete")
+                .0
+                .command,
             Command::UdpAssociate
         );
         let mut dom = vec![5, 1, 0, 3, 9];
         dom.extend_from_slice(b"localhost");
         dom.extend_from_slice(&[0, 80]);
         assert_eq!(
-            decode_request(&dom).expect("valid").expect("complete").0.address,
+            decode_request(&dom)
+                .expect("valid")
+                .expect("complete")
+                .0
+                .address,
             Address::Domain("localhost".into(), 80)
         );
     }
@@ -493,7 +516,11 @@ mod tests {
         let mut dom = vec![5, 1, 0, 3, 9];
         dom.extend_from_slice(b"localhost");
         for cut in 0..dom.len() + 2 {
-            assert_eq!(decode_request(&dom[..cut.min(dom.len())]), Ok(None), "cut at {cut}");
+            assert_eq!(
+                decode_request(&dom[..cut.min(dom.len())]),
+                Ok(None),
+                "cut at {cut}"
+            );
         }
         let cases: &[(&[u8], Error, u8)] = &[
             (&[5, 9, 0, 1, 1, 2, 3, 4, 0, 80], Error::Command(9), 0x07),
@@ -501,7 +528,11 @@ mod tests {
             (&[5, 1, 1, 1, 1, 2, 3, 4, 0, 80], Error::Reserved(1), 0x01),
             (&[5, 1, 0, 3, 0, 0, 80], Error::Domain, 0x01),
             (&[5, 1, 0, 3, 2, b'a', b' ', 0, 80], Error::Domain, 0x01),
-            (&[5, 1, 0, 1, 1, 2, 3, 4, 0, 80, 0xde, 0xad], Error::Trailing(2), 0x01),
+            (
+                &[5, 1, 0, 1, 1, 2, 3, 4, 0, 80, 0xde, 0xad],
+                Error::Trailing(2),
+                0x01,
+            ),
             (&[4, 1, 0, 1], Error::Version(4), 0x01),
         ];
         for (buf, error, code) in cases {
@@ -512,25 +543,46 @@ mod tests {
 
     #[test]
     fn replies_and_datagram_headers() {
-        assert_eq!(encode_reply(Reply::NotAllowed, sock("0.0.0.0:0")), [5, 2, 0, 1, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            encode_reply(Reply::NotAllowed, sock("0.0.0.0:0")),
+            [5, 2, 0, 1, 0, 0, 0, 0, 0, 0]
+        );
         // v4-mapped bound addresses are written as IPv4.
-        assert_eq!(encode_reply(Reply::Succeeded, sock("[::ffff:127.0.0.1]:1080"))[3], 1);
+        assert_eq!(
+            encode_reply(Reply::Succeeded, sock("[::ffff:127.0.0.1]:1080"))[3],
+            1
+        );
         let mut out = Vec::new();
         encode_datagram_header(&mut out, sock("[2001:db8::1]:5"));
         assert_eq!(out.len(), datagram_header_len(sock("[2001:db8::1]:5")));
         out.extend_from_slice(b"hi");
         let d = decode_datagram(&out).expect("valid");
-        assert_eq!((d.frag, d.target, d.payload), (0, Address::Ip(sock("[2001:db8::1]:5")), &b"hi"[..]));
-        assert_eq!(decode_datagram(&[0, 0, 0, 1, 1]), Err(DatagramError::Truncated));
-        assert_eq!(decode_datagram(&[0, 1, 0, 1, 1, 2, 3, 4, 0, 1]), Err(DatagramError::Reserved));
-        assert_eq!(decode_datagram(&[0, 0, 1, 1, 1, 2, 3, 4, 0, 1]).map(|d| d.frag), Ok(1));
+        assert_eq!(
+            (d.frag, d.target, d.payload),
+            (0, Address::Ip(sock("[2001:db8::1]:5")), &b"hi"[..])
+        );
+        assert_eq!(
+            decode_datagram(&[0, 0, 0, 1, 1]),
+            Err(DatagramError::Truncated)
+        );
+        assert_eq!(
+            decode_datagram(&[0, 1, 0, 1, 1, 2, 3, 4, 0, 1]),
+            Err(DatagramError::Reserved)
+        );
+        assert_eq!(
+            decode_datagram(&[0, 0, 1, 1, 1, 2, 3, 4, 0, 1]).map(|d| d.frag),
+            Ok(1)
+        );
     }
 
     fn address() -> impl Strategy<Value = SocketAddr> {
         prop_oneof![
-            (any::<u32>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::new(IpAddr::V4(ip.into()), port)),
+            (any::<u32>(), any::<u16>())
+                .prop_map(|(ip, port)| SocketAddr::new(IpAddr::V4(ip.into()), port)),
             (any::<u128>(), any::<u16>())
-                .prop_filter("not v4-mapped", |(ip, _)| Ipv6Addr::from(*ip).to_ipv4_mapped().is_none())
+                .prop_filter("not v4-mapped", |(ip, _)| Ipv6Addr::from(*ip)
+                    .to_ipv4_mapped()
+                    .is_none())
                 .prop_map(|(ip, port)| SocketAddr::new(IpAddr::V6(ip.into()), port)),
         ]
     }

@@ -4,8 +4,8 @@
 //! it; `#` starts a comment. Passwords are never stored, only their salted hashes; a login is
 //! checked in constant time by the argon2 crate.
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -60,7 +60,10 @@ impl PasswordFile {
             }
             PasswordHash::new(hash)
                 .map_err(|e| line_error(format!("hash is not a PHC string ({e})")))?;
-            if hashes.insert(name.as_bytes().to_vec(), hash.to_owned()).is_some() {
+            if hashes
+                .insert(name.as_bytes().to_vec(), hash.to_owned())
+                .is_some()
+            {
                 return Err(line_error(format!("user {name:?} appears twice")));
             }
         }
@@ -102,7 +105,9 @@ impl PasswordFile {
 /// Hashes a password with a fresh random salt, as a PHC string for the password file.
 pub fn hash_password(password: &[u8]) -> Result<String, argon2::password_hash::Error> {
     let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
-    Ok(Argon2::default().hash_password(password, &salt)?.to_string())
+    Ok(Argon2::default()
+        .hash_password(password, &salt)?
+        .to_string())
 }
 
 #[cfg(test)]
@@ -128,9 +133,14 @@ mod tests {
             ("\n:x\n", "p:2: user name must be 1 to 255 bytes"),
         ];
         for (text, want) in cases {
-            assert_eq!(PasswordFile::parse("p", text).expect_err("bad").to_string(), want);
+            assert_eq!(
+                PasswordFile::parse("p", text).expect_err("bad").to_string(),
+                want
+            );
         }
-        let e = PasswordFile::parse("p", "alice:plaintext").expect_err("bad").to_string();
+        let e = PasswordFile::parse("p", "alice:plaintext")
+            .expect_err("bad")
+            .to_string();
         assert!(e.starts_with("p:1: hash is not a PHC string"), "{e}");
     }
 }

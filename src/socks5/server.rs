@@ -60,7 +60,9 @@ impl Config {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Listening beyond loopback without authentication would open a proxy to the network.
-    #[error("refusing to listen on {0} without authentication: only loopback may be served without a password file")]
+    #[error(
+        "refusing to listen on {0} without authentication: only loopback may be served without a password file"
+    )]
     Unauthenticated(SocketAddr),
     /// The listening socket could not be set up.
     #[error("listening on {0}: {1}")]
@@ -99,8 +101,14 @@ impl Counters {
             .iter()
             .map(|r| (format!("dropped_{}", r.as_str()), self.drops(*r)))
             .collect();
-        all.push(("datagrams_out".into(), self.datagrams_out.load(Ordering::Relaxed)));
-        all.push(("datagrams_in".into(), self.datagrams_in.load(Ordering::Relaxed)));
+        all.push((
+            "datagrams_out".into(),
+            self.datagrams_out.load(Ordering::Relaxed),
+        ));
+        all.push((
+            "datagrams_in".into(),
+            self.datagrams_in.load(Ordering::Relaxed),
+        ));
         all.push(("sessions".into(), self.sessions.load(Ordering::Relaxed)));
         all
     }
@@ -134,7 +142,9 @@ impl Handle {
     /// Swaps in a new policy; every live flow is decided again on its next packet.
     pub fn reload(&self, policy: Policy) -> u64 {
         let generation = self.shared.policy.load().generation + 1;
-        self.shared.policy.store(Arc::new(PolicyVersion { policy, generation }));
+        self.shared
+            .policy
+            .store(Arc::new(PolicyVersion { policy, generation }));
         generation
     }
 
@@ -223,7 +233,10 @@ impl Server {
             .await
             .is_err()
         {
-            warn!(left = tasks.len(), "sessions still running after the shutdown grace period");
+            warn!(
+                left = tasks.len(),
+                "sessions still running after the shutdown grace period"
+            );
         }
     }
 }
@@ -299,7 +312,9 @@ async fn handshake(
         Method::NoAuth
     };
     if !methods.contains(&wanted.byte()) {
-        stream.write_all(&codec::encode_method(Method::NoAcceptable)).await?;
+        stream
+            .write_all(&codec::encode_method(Method::NoAcceptable))
+            .await?;
         return Err(SessionError::NoMethod);
     }
     stream.write_all(&codec::encode_method(wanted)).await?;
@@ -372,10 +387,12 @@ impl Drop for SessionSlot<'_> {
 fn take_session_slot<'a>(shared: &'a Shared, user: &User, max: u32) -> Option<SessionSlot<'a>> {
     let mut users = shared.users.lock().ok()?;
     let limits = shared.policy.load().policy.limits(user);
-    let state = users.entry(user.name().to_owned()).or_insert_with(|| UserState {
-        sessions: 0,
-        packets: TokenBucket::new(limits.max_packets_per_second, Instant::now()),
-    });
+    let state = users
+        .entry(user.name().to_owned())
+        .or_insert_with(|| UserState {
+            sessions: 0,
+            packets: TokenBucket::new(limits.max_packets_per_second, Instant::now()),
+        });
     if state.sessions >= max {
         return None;
     }
@@ -409,7 +426,16 @@ async fn serve(
     match request.command {
         Command::Connect => connect(shared, stream, peer, &user, request.address, shutdown).await,
         Command::UdpAssociate => {
-            associate(shared, stream, peer, user, request.address, limits.max_flows_per_association, shutdown).await
+            associate(
+                shared,
+                stream,
+                peer,
+                user,
+                request.address,
+                limits.max_flows_per_association,
+                shutdown,
+            )
+            .await
         }
         Command::Bind => Err(refuse(&mut stream, Reply::CommandNotSupported).await),
     }
@@ -426,7 +452,13 @@ async fn resolve(address: &Address) -> Option<SocketAddr> {
     }
 }
 
-fn log_decision(shared: &Shared, user: &User, client: SocketAddr, target: SocketAddr, decision: &Decision) {
+fn log_decision(
+    shared: &Shared,
+    user: &User,
+    client: SocketAddr,
+    target: SocketAddr,
+    decision: &Decision,
+) {
     if decision.verdict == Verdict::Block {
         let allowed = shared
             .block_log
@@ -462,7 +494,11 @@ async fn connect(
         info!(user = %user, client = %peer, target = %address, "cannot resolve target");
         return Err(refuse(&mut stream, Reply::HostUnreachable).await);
     };
-    let decision = shared.policy.load().policy.decide(user, &Target::tcp(target));
+    let decision = shared
+        .policy
+        .load()
+        .policy
+        .decide(user, &Target::tcp(target));
     log_decision(shared, user, peer, target, &decision);
     match decision.verdict {
         Verdict::Block => return Err(refuse(&mut stream, Reply::NotAllowed).await),
@@ -472,14 +508,18 @@ async fn connect(
         }
         Verdict::Direct => {}
     }
-    let outbound = match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(target)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(refuse(&mut stream, connect_error_reply(&e)).await),
-        Err(_) => return Err(refuse(&mut stream, Reply::TtlExpired).await),
-    };
+    let outbound =
+        match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(target)).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(refuse(&mut stream, connect_error_reply(&e)).await),
+            Err(_) => return Err(refuse(&mut stream, Reply::TtlExpired).await),
+        };
     let _ = outbound.set_nodelay(true);
     let bound = outbound.local_addr()?;
-    stream.write_all(&codec::encode_reply(Reply::Succeeded, bound)).await?;
+    stream
+        .write_all(&codec::encode_reply(Reply::Succeeded, bound))
+        .await?;
     let mut outbound = outbound;
     tokio::select! {
         _ = shutdown.cancelled() => {}
@@ -605,7 +645,10 @@ impl Relay<'_> {
     fn forward(&mut self, target: SocketAddr, payload: &[u8]) {
         let shared = self.shared;
         let policy = shared.policy.load();
-        let decision = match self.association.decide(target, payload, &policy, &self.user) {
+        let decision = match self
+            .association
+            .decide(target, payload, &policy, &self.user)
+        {
             Ok(d) => d,
             Err(reason) => {
                 shared.counters.drop(reason);
@@ -625,7 +668,11 @@ impl Relay<'_> {
             return shared.counters.drop(DropReason::RateLimit);
         }
         let target = super::association::canonical(target);
-        let slot = if target.is_ipv4() { &mut self.out_v4 } else { &mut self.out_v6 };
+        let slot = if target.is_ipv4() {
+            &mut self.out_v4
+        } else {
+            &mut self.out_v6
+        };
         if slot.is_none() {
             match outbound_socket(target.is_ipv6()) {
                 Ok(s) => *slot = Some(s),
@@ -638,7 +685,10 @@ impl Relay<'_> {
         let sent = slot.as_ref().map(|s| send_now(s, payload, target));
         match sent {
             Some(Ok(_)) => {
-                shared.counters.datagrams_out.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .counters
+                    .datagrams_out
+                    .fetch_add(1, Ordering::Relaxed);
             }
             _ => shared.counters.drop(DropReason::SendFailed),
         }
@@ -651,7 +701,9 @@ impl Relay<'_> {
         let Some(state) = users.get_mut(self.user.name()) else {
             return false;
         };
-        state.packets.set_rate(policy.policy.limits(&self.user).max_packets_per_second);
+        state
+            .packets
+            .set_rate(policy.policy.limits(&self.user).max_packets_per_second);
         state.packets.take(Instant::now())
     }
 
@@ -660,9 +712,15 @@ impl Relay<'_> {
         let shared = self.shared;
         BUFFER.with_borrow_mut(|buf| {
             for _ in 0..BATCH {
-                let socket = if v6 { self.out_v6.as_ref() } else { self.out_v4.as_ref() };
+                let socket = if v6 {
+                    self.out_v6.as_ref()
+                } else {
+                    self.out_v4.as_ref()
+                };
                 let Some(socket) = socket else { return };
-                let Some(space) = buf.get_mut(HEADROOM..) else { return };
+                let Some(space) = buf.get_mut(HEADROOM..) else {
+                    return;
+                };
                 let (n, from) = match socket.try_recv_from(space) {
                     Ok(received) => received,
                     Err(_) => return,
@@ -679,7 +737,9 @@ impl Relay<'_> {
                 let start = HEADROOM - codec::datagram_header_len(from);
                 let mut header = Vec::with_capacity(HEADROOM);
                 codec::encode_datagram_header(&mut header, from);
-                let Some(out) = buf.get_mut(start..HEADROOM + n) else { continue };
+                let Some(out) = buf.get_mut(start..HEADROOM + n) else {
+                    continue;
+                };
                 if let Some(head) = out.get_mut(..header.len()) {
                     head.copy_from_slice(&header);
                 }
@@ -727,7 +787,9 @@ async fn associate(
         Err(_) => return Err(refuse(&mut control, Reply::GeneralFailure).await),
     };
     let bound = client_socket.local_addr()?;
-    control.write_all(&codec::encode_reply(Reply::Succeeded, bound)).await?;
+    control
+        .write_all(&codec::encode_reply(Reply::Succeeded, bound))
+        .await?;
     info!(user = %user, client = %peer, udp = %bound, declared = %declared, "udp association open");
 
     let mut relay = Relay {

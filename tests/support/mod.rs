@@ -1,0 +1,369 @@
+//! Shared helpers for the integration tests: a sidecar process built from the real binary, a UDP
+//! echo server, the pinned Python client environment. Everything spawned is torn down on drop.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// The `veil` binary under test.
+pub fn veil() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_veil"))
+}
+
+/// The Python interpreter of the pinned test venv (made by `tests/run.sh`).
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("VEIL_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/venv/bin/python");
+    assert!(
+        venv.exists(),
+        "the pinned Python test clients are missing: run tests/run.sh (it creates target/venv)"
+    );
+    venv
+}
+
+/// A script from `tests/clients/`.
+pub fn client_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/clients")
+        .join(name)
+}
+
+/// Writes a policy directory from `(relative path, text)` pairs.
+pub fn policy_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (rel, text) in files {
+        let path = dir.path().join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(&path, text).expect("write policy");
+    }
+    set_modes(dir.path());
+    dir
+}
+
+/// Policy directories must not be group/world-writable when checked as root.
+fn set_modes(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in walk(dir) {
+        let mode = if entry.is_dir() { 0o755 } else { 0o644 };
+        std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// A running `veil sidecar`, killed on drop.
+pub struct Sidecar {
+    child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+    _policy: Option<tempfile::TempDir>,
+    _reader: Option<JoinHandle<()>>,
+}
+
+pub struct SidecarBuilder {
+    policy: Vec<(String, String)>,
+    passwords: Option<String>,
+    listen: String,
+}
+
+impl Sidecar {
+    pub fn builder() -> SidecarBuilder {
+        SidecarBuilder {
+            policy: Vec::new(),
+            passwords: None,
+            listen: "127.0.0.1:0".to_owned(),
+        }
+    }
+
+    /// Log lines so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().expect("log").clone()
+    }
+
+    /// Waits up to `timeout` for a log line containing every one of `needles`.
+    pub fn wait_log(&self, needles: &[&str], timeout: Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(line) = self
+                .log()
+                .into_iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return Some(line);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Sends SIGHUP (policy reload).
+    pub fn hangup(&self) {
+        signal(&self.child, "HUP");
+    }
+
+    /// The policy directory.
+    pub fn policy_path(&self) -> &Path {
+        self._policy.as_ref().expect("policy dir").path()
+    }
+
+    /// SIGTERM, then waits for exit; returns the full log.
+    pub fn stop(mut self) -> Vec<String> {
+        signal(&self.child, "TERM");
+        let _ = wait_timeout(&mut self.child, Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(50));
+        self.log()
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status();
+}
+
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait().ok()
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl SidecarBuilder {
+    pub fn policy(mut self, rel: &str, text: &str) -> Self {
+        self.policy.push((rel.to_owned(), text.to_owned()));
+        self
+    }
+
+    pub fn passwords(mut self, text: &str) -> Self {
+        self.passwords = Some(text.to_owned());
+        self
+    }
+
+    pub fn listen(mut self, addr: &str) -> Self {
+        self.listen = addr.to_owned();
+        self
+    }
+
+    pub fn spawn(self) -> Sidecar {
+        let files: Vec<(&str, &str)> = self
+            .policy
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        let dir = policy_dir(&files);
+        let mut cmd = veil();
+        cmd.arg("sidecar")
+            .arg("--listen")
+            .arg(&self.listen)
+            .arg("--policy-dir")
+            .arg(dir.path());
+        if let Some(text) = &self.passwords {
+            let path = dir.path().join(".passwords");
+            std::fs::write(&path, text).expect("write passwords");
+            cmd.arg("--passwords").arg(&path);
+        }
+        let mut child = cmd
+            .env("VEIL_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn veil");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let reader = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Some(addr) = line.split("listen=").nth(1) {
+                        let _ = tx.send(addr.trim().to_owned());
+                    }
+                    log.lock().expect("log").push(line);
+                }
+            })
+        };
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a.parse().expect("listen address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "veil sidecar did not start:\n{}",
+                    log.lock().expect("log").join("\n")
+                );
+            }
+        };
+        Sidecar {
+            child,
+            addr,
+            log,
+            _policy: Some(dir),
+            _reader: Some(reader),
+        }
+    }
+}
+
+/// What an echo server received: sender and payload.
+type Seen = Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>>;
+
+/// A UDP echo server on loopback that records who sent what; stops on drop.
+pub struct UdpEcho {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    seen: Seen,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpEcho {
+    pub fn spawn(bind: &str) -> Self {
+        let socket = UdpSocket::bind(bind).expect("bind echo");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let addr = socket.local_addr().expect("addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen: Seen = Arc::new(Mutex::new(Vec::new()));
+        let thread = {
+            let (stop, seen) = (stop.clone(), seen.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65_536];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                        let data = buf.get(..n).unwrap_or_default().to_vec();
+                        let _ = socket.send_to(&data, from);
+                        seen.lock().expect("seen").push((from, data));
+                    }
+                }
+            })
+        };
+        Self {
+            addr,
+            stop,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    /// Everything received so far.
+    pub fn seen(&self) -> Vec<(SocketAddr, Vec<u8>)> {
+        self.seen.lock().expect("seen").clone()
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs the PySocks UDP client script; returns its JSON-ish stdout lines.
+pub fn pysocks_udp(proxy: SocketAddr, args: &[&str]) -> Output {
+    let out = Command::new(python())
+        .arg(client_script("pysocks_udp.py"))
+        .arg(proxy.ip().to_string())
+        .arg(proxy.port().to_string())
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "pysocks client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A one-shot HTTP server on loopback that answers every request with `body`.
+pub struct HttpServer {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HttpServer {
+    pub fn spawn(body: &'static str) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind http");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((mut s, _)) => {
+                            let _ = s.set_nonblocking(false);
+                            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                            let mut buf = [0u8; 4096];
+                            let _ = std::io::Read::read(&mut s, &mut buf);
+                            let _ = write!(
+                                s,
+                                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            })
+        };
+        Self {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// True when running as root (needed for ownership checks and user switching).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
