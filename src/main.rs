@@ -246,7 +246,12 @@ async fn serve(
                         let generation = handle.reload(p);
                         info!(generation, dir = %dir.display(), "policy reloaded");
                     }
-                    Err(e) => warn!(dir = %dir.display(), "policy reload refused, the running policy stays:\n{e}"),
+                    Err(errors) => {
+                        for e in &errors.0 {
+                            warn!(error = %e, "policy reload refused");
+                        }
+                        warn!(dir = %dir.display(), errors = errors.0.len(), "policy reload refused, the running policy stays");
+                    }
                 },
                 None => info!("SIGHUP ignored: the built-in policy has nothing to reload"),
             },

@@ -139,25 +139,58 @@ fn recv(socket: &UdpSocket) -> Option<Vec<u8>> {
         .map(|(n, _)| buf[..n].to_vec())
 }
 
+/// A sidecar, a UDP echo server and one hand-made association, with its client socket.
+struct Handmade {
+    echo: UdpEcho,
+    sidecar: Sidecar,
+    control: Option<TcpStream>,
+    relay: SocketAddr,
+    client: UdpSocket,
+}
+
+impl Handmade {
+    /// `policy` gets the echo server's address and returns default.toml.
+    fn open(policy: impl FnOnce(SocketAddr) -> String) -> Self {
+        let echo = UdpEcho::spawn("127.0.0.1:0");
+        let sidecar = Sidecar::builder()
+            .policy("default.toml", &policy(echo.addr))
+            .spawn();
+        let (control, relay) = associate(sidecar.addr);
+        let client = UdpSocket::bind("127.0.0.1:0").expect("client");
+        client
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        Self {
+            echo,
+            sidecar,
+            control: Some(control),
+            relay,
+            client,
+        }
+    }
+
+    fn send(&self, frag: u8, target: SocketAddr, payload: &[u8]) {
+        self.client
+            .send_to(&datagram(frag, target, payload), self.relay)
+            .expect("send");
+    }
+
+    /// Sends `payload` to the echo server; true if the echo came back.
+    fn ping(&self, payload: &[u8]) -> bool {
+        self.send(0, self.echo.addr, payload);
+        recv(&self.client).is_some_and(|r| r.ends_with(payload))
+    }
+}
+
+fn echo_direct(echo: SocketAddr) -> String {
+    policy_for(echo, "127.0.0.1:1".parse().expect("addr"))
+}
+
 #[test]
 fn only_the_client_may_use_the_association_and_frag_is_dropped() {
-    let echo = UdpEcho::spawn("127.0.0.1:0");
-    let sidecar = Sidecar::builder()
-        .policy(
-            "default.toml",
-            &policy_for(echo.addr, "127.0.0.1:1".parse().expect("addr")),
-        )
-        .spawn();
-    let (_control, relay) = associate(sidecar.addr);
-
-    let client = UdpSocket::bind("127.0.0.1:0").expect("client");
-    client
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .expect("timeout");
-    client
-        .send_to(&datagram(0, echo.addr, b"mine"), relay)
-        .expect("send");
-    let reply = recv(&client).expect("echo through veil");
+    let h = Handmade::open(echo_direct);
+    h.send(0, h.echo.addr, b"mine");
+    let reply = recv(&h.client).expect("echo through veil");
     assert_eq!(&reply[..4], &[0, 0, 0, 1], "reply header RSV RSV FRAG ATYP");
     assert!(reply.ends_with(b"mine"));
 
@@ -167,117 +200,143 @@ fn only_the_client_may_use_the_association_and_frag_is_dropped() {
         .set_read_timeout(Some(Duration::from_millis(300)))
         .expect("timeout");
     intruder
-        .send_to(&datagram(0, echo.addr, b"theirs"), relay)
+        .send_to(&datagram(0, h.echo.addr, b"theirs"), h.relay)
         .expect("send");
     assert_eq!(recv(&intruder), None);
     // Another source address entirely.
     let other = UdpSocket::bind("127.0.0.2:0").expect("other address");
     other
-        .send_to(&datagram(0, echo.addr, b"spoof"), relay)
+        .send_to(&datagram(0, h.echo.addr, b"spoof"), h.relay)
         .expect("send");
 
     // FRAG != 0 is dropped.
-    client
-        .send_to(&datagram(1, echo.addr, b"frag"), relay)
-        .expect("send");
+    h.send(1, h.echo.addr, b"frag");
     // Malformed: truncated address.
-    client.send_to(&[0, 0, 0, 1, 127, 0], relay).expect("send");
-    assert_eq!(recv(&client), None);
+    h.client
+        .send_to(&[0, 0, 0, 1, 127, 0], h.relay)
+        .expect("send");
+    assert_eq!(recv(&h.client), None);
 
     std::thread::sleep(Duration::from_millis(100));
-    let payloads: Vec<Vec<u8>> = echo.seen().into_iter().map(|(_, p)| p).collect();
+    let payloads: Vec<Vec<u8>> = h.echo.seen().into_iter().map(|(_, p)| p).collect();
     assert_eq!(payloads, vec![b"mine".to_vec()]);
-    let log = sidecar.stop().join("\n");
-    assert!(
-        log.contains("counter=\"dropped_foreign_source\" value=2"),
-        "{log}"
-    );
-    assert!(
-        log.contains("counter=\"dropped_fragmented\" value=1"),
-        "{log}"
-    );
-    assert!(
-        log.contains("counter=\"dropped_malformed\" value=1"),
-        "{log}"
-    );
+    let log = h.sidecar.stop().join("\n");
+    for counter in [
+        "dropped_foreign_source\" value=2",
+        "dropped_fragmented\" value=1",
+        "dropped_malformed\" value=1",
+    ] {
+        assert!(log.contains(counter), "{counter}: {log}");
+    }
 }
 
 #[test]
 fn association_ends_with_its_control_connection() {
-    let echo = UdpEcho::spawn("127.0.0.1:0");
-    let sidecar = Sidecar::builder()
-        .policy(
-            "default.toml",
-            &policy_for(echo.addr, "127.0.0.1:1".parse().expect("addr")),
-        )
-        .spawn();
-    let (control, relay) = associate(sidecar.addr);
-    let client = UdpSocket::bind("127.0.0.1:0").expect("client");
-    client
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .expect("timeout");
-    client
-        .send_to(&datagram(0, echo.addr, b"before"), relay)
-        .expect("send");
-    assert!(recv(&client).is_some());
-
-    drop(control);
+    let mut h = Handmade::open(echo_direct);
+    assert!(h.ping(b"before"));
+    drop(h.control.take());
     // RFC 1928 §7: the association terminates with the TCP connection (veil: within 100 ms).
     std::thread::sleep(Duration::from_millis(100));
     for _ in 0..3 {
-        let _ = client.send_to(&datagram(0, echo.addr, b"after"), relay);
+        h.send(0, h.echo.addr, b"after");
     }
-    assert_eq!(recv(&client), None);
+    assert_eq!(recv(&h.client), None);
     std::thread::sleep(Duration::from_millis(100));
     assert!(
-        echo.seen().iter().all(|(_, p)| p != b"after"),
+        h.echo.seen().iter().all(|(_, p)| p != b"after"),
         "datagrams were relayed after the control connection closed"
     );
     assert!(
-        sidecar
+        h.sidecar
             .wait_log(&["udp association closed"], Duration::from_secs(1))
             .is_some()
     );
 }
 
+fn echo_only_with(limit: &str) -> impl FnOnce(SocketAddr) -> String {
+    move |echo| {
+        format!(
+            "fallback = \"block\"\n[limits]\n{limit}\n[[rule]]\nverdict = \"direct\"\nnetworks = [\"127.0.0.0/8\"]\nports = [{}]\n",
+            echo.port()
+        )
+    }
+}
+
 #[test]
 fn flow_table_is_bounded_per_association() {
-    let echo = UdpEcho::spawn("127.0.0.1:0");
-    let text = format!(
-        "fallback = \"block\"\n[limits]\nmax_flows_per_association = 2\n[[rule]]\nverdict = \"direct\"\nnetworks = [\"127.0.0.0/8\"]\nports = [{}]\n",
-        echo.addr.port()
-    );
-    let sidecar = Sidecar::builder().policy("default.toml", &text).spawn();
-    let (_control, relay) = associate(sidecar.addr);
-    let client = UdpSocket::bind("127.0.0.1:0").expect("client");
-    client
-        .set_read_timeout(Some(Duration::from_millis(300)))
-        .expect("timeout");
+    let h = Handmade::open(echo_only_with("max_flows_per_association = 2"));
     // Two flows fill the table (the second is blocked by the fallback, but still a flow).
-    client
-        .send_to(&datagram(0, echo.addr, b"a"), relay)
-        .expect("send");
-    assert!(recv(&client).is_some());
-    client
-        .send_to(
-            &datagram(0, "127.0.0.1:9".parse().expect("addr"), b"b"),
-            relay,
-        )
-        .expect("send");
-    client
-        .send_to(
-            &datagram(0, "127.0.0.9:9".parse().expect("addr"), b"c"),
-            relay,
-        )
-        .expect("send");
+    assert!(h.ping(b"a"));
+    h.send(0, "127.0.0.1:9".parse().expect("addr"), b"b");
+    h.send(0, "127.0.0.9:9".parse().expect("addr"), b"c");
     // The known flow keeps working.
-    client
-        .send_to(&datagram(0, echo.addr, b"d"), relay)
-        .expect("send");
-    assert!(recv(&client).is_some_and(|r| r.ends_with(b"d")));
-    let log = sidecar.stop().join("\n");
+    assert!(h.ping(b"d"));
+    let log = h.sidecar.stop().join("\n");
     assert!(
         log.contains("counter=\"dropped_flow_limit\" value=1"),
         "{log}"
     );
+}
+
+#[test]
+fn ipv6_targets_from_pysocks() {
+    let echo = UdpEcho::spawn("[::1]:0");
+    let sidecar = Sidecar::builder()
+        .policy("default.toml", &echo_direct(echo.addr))
+        .spawn();
+    let out = pysocks_udp(sidecar.addr, &[&format!("[::1]:{}:six", echo.addr.port())]);
+    assert_eq!(
+        lines(&out),
+        vec![format!("reply ::1:{} six", echo.addr.port())]
+    );
+}
+
+#[test]
+fn packet_rate_limit_applies_per_user() {
+    let h = Handmade::open(echo_only_with("max_packets_per_second = 20"));
+    // 200 datagrams in a burst: the bucket holds 20.
+    for i in 0..200u32 {
+        h.send(0, h.echo.addr, &i.to_be_bytes());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let delivered = h.echo.seen().len();
+    // 20 from the full bucket, plus what refills at 20/s while the burst is sent.
+    assert!(
+        (20..=30).contains(&delivered),
+        "delivered {delivered} of 200"
+    );
+    let log = h.sidecar.stop().join("\n");
+    let want = format!("counter=\"dropped_rate_limit\" value={}", 200 - delivered);
+    assert!(log.contains(&want), "{log}");
+}
+
+#[test]
+fn reload_changes_live_flows_and_a_bad_policy_changes_nothing() {
+    let h = Handmade::open(echo_direct);
+    assert!(h.ping(b"1"));
+
+    // A broken policy: refused, the old one keeps running.
+    let default = h.sidecar.policy_path().join("default.toml");
+    std::fs::write(&default, "fallback = \"nope\"\n").expect("write");
+    h.sidecar.hangup();
+    let refused = ["policy reload refused", "default.toml:1:12: fallback"];
+    assert!(
+        h.sidecar
+            .wait_log(&refused, Duration::from_secs(3))
+            .is_some()
+    );
+    assert!(h.ping(b"2"), "the running policy must survive a bad reload");
+
+    // A stricter policy: the live flow is cut on its next packet.
+    std::fs::write(&default, "fallback = \"block\"\n").expect("write");
+    h.sidecar.hangup();
+    let reloaded = ["policy reloaded", "generation=2"];
+    assert!(
+        h.sidecar
+            .wait_log(&reloaded, Duration::from_secs(3))
+            .is_some()
+    );
+    assert!(!h.ping(b"3"), "a flow the new policy blocks must stop");
+    let cut = ["verdict=block", "default.toml fallback"];
+    assert!(h.sidecar.wait_log(&cut, Duration::from_secs(2)).is_some());
 }
