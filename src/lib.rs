@@ -7,3 +7,6 @@ pub mod policy;
 pub mod rate;
 pub mod socks5;
 pub mod traffic;
+pub mod masque;
+pub mod pki;
+pub mod relay;

@@ -1,0 +1,237 @@
+//! Certificates for the tunnel: a private CA that signs the relay's certificate and the
+//! sidecars' client certificates (mutual TLS), and the QUIC/TLS configurations built from them.
+//!
+//! `veil pki` writes a fresh set to a directory; `veil up` makes one in memory. Organisations
+//! with their own PKI point the relay and sidecar configs at their files instead.
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The ALPN protocol of HTTP/3.
+pub const ALPN_H3: &[u8] = b"h3";
+
+/// Why certificates or TLS settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A PEM file holds nothing usable.
+    #[error("{path}: {what}")]
+    Pem {
+        /// The file.
+        path: String,
+        /// What was expected.
+        what: String,
+    },
+    /// Generating a certificate failed.
+    #[error("generating certificates: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The client certificate verifier could not be built.
+    #[error("client CA: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// quinn refused the TLS configuration.
+    #[error("QUIC TLS configuration: {0}")]
+    Quic(String),
+}
+
+/// A certificate chain and its private key, PEM-encoded.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The certificate (PEM).
+    pub cert_pem: String,
+    /// The private key (PKCS#8 PEM).
+    pub key_pem: String,
+}
+
+/// A CA with a relay identity and client identities.
+#[derive(Debug, Clone)]
+pub struct Pki {
+    /// The CA certificate (PEM): the relay's client CA and the sidecars' relay CA.
+    pub ca_cert_pem: String,
+    /// The CA's private key (PEM), to sign more clients later.
+    pub ca_key_pem: String,
+    /// The relay's certificate, valid for `relay_names`.
+    pub relay: Identity,
+    /// One client identity per requested name.
+    pub clients: Vec<(String, Identity)>,
+}
+
+/// Generates a CA, a relay certificate for `relay_names` (DNS names or IP addresses) and one
+/// client certificate per name in `clients` (its common name).
+pub fn generate(relay_names: &[String], clients: &[String]) -> Result<Pki, Error> {
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "veil private CA");
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let ca_key_pem = ca_key.serialize_pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let leaf = |names: Vec<String>, cn: &str| -> Result<Identity, Error> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names)?;
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(Identity {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    };
+    let relay = leaf(
+        relay_names.to_vec(),
+        relay_names.first().map_or("veil relay", String::as_str),
+    )?;
+    let clients = clients
+        .iter()
+        .map(|name| Ok((name.clone(), leaf(Vec::new(), name)?)))
+        .collect::<Result<Vec<_>, Error>>()?;
+    Ok(Pki {
+        ca_cert_pem: ca_cert.pem(),
+        ca_key_pem,
+        relay,
+        clients,
+    })
+}
+
+/// Reads a file as text, naming it in the error.
+pub fn read(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Parses every certificate in a PEM text; `origin` names it in errors.
+pub fn certificates(pem: &str, origin: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .collect();
+    if certs.is_empty() {
+        return Err(Error::Pem {
+            path: origin.to_owned(),
+            what: "no PEM certificate found".to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Parses the private key in a PEM text; `origin` names it in errors.
+pub fn private_key(pem: &str, origin: &str) -> Result<PrivateKeyDer<'static>, Error> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| Error::Pem {
+        path: origin.to_owned(),
+        what: format!("no usable PEM private key ({e})"),
+    })
+}
+
+fn roots(ca: &[CertificateDer<'static>]) -> Result<RootCertStore, Error> {
+    let mut roots = RootCertStore::empty();
+    for cert in ca {
+        roots.add(cert.clone())?;
+    }
+    Ok(roots)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// QUIC transport settings for the tunnel, the same at both ends.
+///
+/// Media needs 1200-byte datagrams through the tunnel, so the path MTU is chosen on purpose:
+/// start at 1400 (fits any Ethernet or Wi-Fi path with room for tunnel headers), let path MTU
+/// discovery go up to 1452, and never assume less than 1280 (the IPv6 minimum). A datagram too
+/// large for the path at the moment is dropped and counted by the caller.
+pub fn transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(20)) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t.initial_mtu(1400);
+    t.min_mtu(1280);
+    let mut discovery = quinn::MtuDiscoveryConfig::default();
+    discovery.upper_bound(1452);
+    t.mtu_discovery_config(Some(discovery));
+    t.datagram_receive_buffer_size(Some(4 << 20));
+    t.datagram_send_buffer_size(4 << 20);
+    t
+}
+
+/// The relay's QUIC server configuration: its identity, and client certificates required and
+/// verified against `client_ca`. 0-RTT is off.
+pub fn server_config(
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_ca: &[CertificateDer<'static>],
+) -> Result<quinn::ServerConfig, Error> {
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(client_ca)?), provider())
+            .build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(cert_chain, key)?;
+    tls.alpn_protocols = vec![ALPN_H3.to_vec()];
+    tls.max_early_data_size = 0;
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| Error::Quic(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(Arc::new(transport()));
+    Ok(config)
+}
+
+/// The sidecar's QUIC client configuration: trusts `relay_ca`, presents its own certificate.
+pub fn client_config(
+    relay_ca: &[CertificateDer<'static>],
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<quinn::ClientConfig, Error> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(relay_ca)?)
+        .with_client_auth_cert(cert_chain, key)?;
+    tls.alpn_protocols = vec![ALPN_H3.to_vec()];
+    tls.enable_early_data = false;
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| Error::Quic(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(transport()));
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_set_builds_both_configs() {
+        let pki = generate(&["relay.test".into(), "127.0.0.1".into()], &["laptop-1".into()]).expect("pki");
+        let ca = certificates(&pki.ca_cert_pem, "ca").expect("ca");
+        let relay = certificates(&pki.relay.cert_pem, "relay").expect("relay cert");
+        let key = private_key(&pki.relay.key_pem, "relay key").expect("relay key");
+        server_config(relay, key, &ca).expect("server config");
+        let (name, client) = &pki.clients[0];
+        assert_eq!(name, "laptop-1");
+        let certs = certificates(&client.cert_pem, "client").expect("client cert");
+        let key = private_key(&client.key_pem, "client key").expect("client key");
+        client_config(&ca, certs, key).expect("client config");
+        assert!(matches!(certificates("nothing", "f"), Err(Error::Pem { .. })));
+        assert!(matches!(private_key("nothing", "f"), Err(Error::Pem { .. })));
+    }
+}

@@ -1,0 +1,4 @@
+//! `veil relay`: the MASQUE relay that sends relayed media on from its own address.
+
+pub mod config;
+pub mod egress;
