@@ -3,10 +3,12 @@
 //! The library holds all logic; `src/main.rs` is a thin command-line shell around it.
 
 pub mod identity;
-pub mod policy;
-pub mod rate;
-pub mod socks5;
-pub mod traffic;
 pub mod masque;
 pub mod pki;
+pub mod policy;
+pub mod rate;
 pub mod relay;
+pub mod sidecar;
+pub mod socks5;
+pub mod traffic;
+pub mod tunnel;

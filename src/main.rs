@@ -1,6 +1,6 @@
 //! The `veil` command: a thin shell over the library.
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use std::io::Read;
 use std::net::SocketAddr;
@@ -8,9 +8,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
+use veil::pki;
 use veil::policy::{self, Policy};
+use veil::relay::config::{InboundFilter, Quotas, RelayConfig};
+use veil::relay::server::Relay;
+use veil::sidecar::SidecarConfig;
 use veil::socks5::passwords::{self, PasswordFile};
 use veil::socks5::server::{Config, Server};
+use veil::tunnel::{Tunnel, TunnelConfig};
 
 /// EX_USAGE: a configuration error. systemd units list it in RestartPreventExitStatus.
 const EXIT_CONFIG: u8 = 64;
@@ -28,23 +33,38 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the sidecar with the built-in default policy on 127.0.0.1:1080 and print how to try it.
+    /// Run a relay and a sidecar in one process on loopback, with fresh certificates and the
+    /// built-in default policy, and print how to try it.
     Up {
         /// Address of the SOCKS5 listener.
         #[arg(long, default_value = "127.0.0.1:1080")]
         listen: SocketAddr,
+        /// Networks the embedded relay may send to although they are special-purpose ranges
+        /// (e.g. a lab network); repeatable.
+        #[arg(long)]
+        allow: Vec<ipnet::IpNet>,
     },
-    /// Run the sidecar: a SOCKS5 server that applies the per-user policy to every flow.
+    /// Run the sidecar: a SOCKS5 server that applies the per-user policy to every flow and
+    /// tunnels `relay` verdicts to the relay.
     Sidecar {
+        /// The sidecar configuration file; flags below override its values.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Address of the SOCKS5 listener (loopback unless --passwords is given).
-        #[arg(long, default_value = "127.0.0.1:1080")]
-        listen: SocketAddr,
+        #[arg(long)]
+        listen: Option<SocketAddr>,
         /// Policy directory (default.toml, users/, groups/). Reloaded on SIGHUP.
-        #[arg(long, default_value = "/etc/veil/policies")]
-        policy_dir: PathBuf,
+        #[arg(long)]
+        policy_dir: Option<PathBuf>,
         /// File of `NAME:HASH` lines (from `veil passwd`); makes every client log in.
         #[arg(long)]
         passwords: Option<PathBuf>,
+    },
+    /// Run the relay: MASQUE CONNECT-UDP (with bind) and CONNECT over HTTP/3.
+    Relay {
+        /// The relay configuration file.
+        #[arg(long, default_value = "/etc/veil/relay.toml")]
+        config: PathBuf,
     },
     /// Check a policy directory with the daemon's own loader; exit 0 if good, 64 if not.
     Check {
@@ -57,60 +77,71 @@ enum Cmd {
         /// The user name the line is for.
         user: String,
     },
+    /// Write a private CA, a relay certificate and sidecar client certificates to DIR.
+    Pki {
+        /// Where to write ca.crt, ca.key, relay.crt, relay.key and NAME.crt/NAME.key per client.
+        dir: PathBuf,
+        /// Name (DNS name or IP address) the relay's certificate is for; repeatable.
+        #[arg(long = "relay-name", required = true)]
+        relay_names: Vec<String>,
+        /// Name of a sidecar client certificate to make; repeatable.
+        #[arg(long = "client")]
+        clients: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Check { dir } => check(&dir),
-        Cmd::Passwd { user } => match passwd(&user) {
-            Ok(line) => {
-                println!("{line}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("veil passwd: {e:#}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
-        Cmd::Up { listen } => {
+        Cmd::Passwd { user } => report(passwd(&user).map(|line| println!("{line}"))),
+        Cmd::Pki {
+            dir,
+            relay_names,
+            clients,
+        } => report(write_pki(&dir, &relay_names, &clients)),
+        command => {
             init_tracing();
-            let policy = match policy::embedded_default() {
-                Ok(p) => p,
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
                 Err(e) => {
-                    error!("built-in policy is invalid:\n{e}");
+                    eprintln!("veil: cannot start the runtime: {e}");
                     return ExitCode::FAILURE;
                 }
             };
-            run_daemon(Config::new(listen), policy, None, true)
-        }
-        Cmd::Sidecar {
-            listen,
-            policy_dir,
-            passwords,
-        } => {
-            init_tracing();
-            let mut config = Config::new(listen);
-            if let Some(path) = passwords {
-                match PasswordFile::load(&path) {
-                    Ok(file) => config.passwords = Some(file),
-                    Err(e) => {
-                        error!("{e}");
-                        return ExitCode::from(EXIT_CONFIG);
-                    }
+            let result = runtime.block_on(async {
+                match command {
+                    Cmd::Up { listen, allow } => up(listen, allow).await,
+                    Cmd::Sidecar {
+                        config,
+                        listen,
+                        policy_dir,
+                        passwords,
+                    } => sidecar(config, listen, policy_dir, passwords).await,
+                    Cmd::Relay { config } => relay(&config).await,
+                    _ => Ok(()),
+                }
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!("{e:#}");
+                    ExitCode::from(EXIT_CONFIG)
                 }
             }
-            let policy = match load_policy(&policy_dir) {
-                Ok(p) => p,
-                Err(e) => {
-                    error!(
-                        "policy {} is invalid, not starting:\n{e}",
-                        policy_dir.display()
-                    );
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            run_daemon(config, policy, Some(policy_dir), false)
+        }
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("veil: {e:#}");
+            ExitCode::from(EXIT_CONFIG)
         }
     }
 }
@@ -169,7 +200,7 @@ fn check(dir: &Path) -> ExitCode {
 
 fn passwd(user: &str) -> anyhow::Result<String> {
     if user.is_empty() || user.len() > 255 || user.contains(':') {
-        anyhow::bail!("user name must be 1 to 255 bytes without ':'");
+        bail!("user name must be 1 to 255 bytes without ':'");
     }
     let mut input = String::new();
     std::io::stdin()
@@ -177,61 +208,217 @@ fn passwd(user: &str) -> anyhow::Result<String> {
         .context("reading the password")?;
     let password = input.trim_end_matches(['\r', '\n']);
     if password.is_empty() || password.len() > 255 {
-        anyhow::bail!("password must be 1 to 255 bytes");
+        bail!("password must be 1 to 255 bytes");
     }
     let hash = passwords::hash_password(password.as_bytes())
         .map_err(|e| anyhow::anyhow!("hashing: {e}"))?;
     Ok(format!("{user}:{hash}"))
 }
 
-fn run_daemon(
-    config: Config,
-    policy: Policy,
-    policy_dir: Option<PathBuf>,
-    banner: bool,
-) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("veil: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+fn write_pki(dir: &Path, relay_names: &[String], clients: &[String]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let set = pki::generate(relay_names, clients)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let write = |name: &str, text: &str, mode: u32| -> anyhow::Result<()> {
+        let path = dir.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&path)
+            .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
+        std::io::Write::write_all(&mut f, text.as_bytes())?;
+        Ok(())
     };
-    match runtime.block_on(serve(config, policy, policy_dir, banner)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("{e:#}");
-            ExitCode::from(EXIT_CONFIG)
-        }
+    write("ca.crt", &set.ca_cert_pem, 0o644)?;
+    write("ca.key", &set.ca_key_pem, 0o600)?;
+    write("relay.crt", &set.relay.cert_pem, 0o644)?;
+    write("relay.key", &set.relay.key_pem, 0o600)?;
+    for (name, id) in &set.clients {
+        write(&format!("{name}.crt"), &id.cert_pem, 0o644)?;
+        write(&format!("{name}.key"), &id.key_pem, 0o600)?;
     }
+    println!(
+        "wrote a CA, a relay certificate and {} client certificate(s) to {}",
+        set.clients.len(),
+        dir.display()
+    );
+    Ok(())
 }
 
-async fn serve(
+fn tunnel_config_from(settings: &veil::sidecar::RelaySettings) -> anyhow::Result<TunnelConfig> {
+    let shown = |p: &Path| p.display().to_string();
+    let ca = pki::certificates(&pki::read(&settings.ca)?, &shown(&settings.ca))?;
+    let certs = pki::certificates(
+        &pki::read(&settings.certificate)?,
+        &shown(&settings.certificate),
+    )?;
+    let key = pki::private_key(
+        &pki::read(&settings.private_key)?,
+        &shown(&settings.private_key),
+    )?;
+    Ok(TunnelConfig {
+        relay: settings.address,
+        server_name: settings.server_name.clone(),
+        client: pki::client_config(&ca, certs, key)?,
+    })
+}
+
+async fn sidecar(
+    config_file: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    policy_dir: Option<PathBuf>,
+    passwords: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let mut settings = match &config_file {
+        Some(path) => SidecarConfig::load(path).map_err(anyhow::Error::msg)?,
+        None => SidecarConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 1080)),
+            policy_dir: PathBuf::from("/etc/veil/policies"),
+            passwords: None,
+            relay: None,
+        },
+    };
+    settings.listen = listen.unwrap_or(settings.listen);
+    settings.policy_dir = policy_dir.unwrap_or(settings.policy_dir);
+    settings.passwords = passwords.or(settings.passwords);
+
+    let mut config = Config::new(settings.listen);
+    if let Some(path) = &settings.passwords {
+        config.passwords = Some(PasswordFile::load(path)?);
+    }
+    let policy = match load_policy(&settings.policy_dir) {
+        Ok(p) => p,
+        Err(errors) => {
+            for e in &errors.0 {
+                error!(error = %e, "invalid policy");
+            }
+            bail!(
+                "policy {} is invalid ({} errors), not starting",
+                settings.policy_dir.display(),
+                errors.0.len()
+            );
+        }
+    };
+    let shutdown = CancellationToken::new();
+    if let Some(relay) = &settings.relay {
+        let tunnel = Tunnel::start(tunnel_config_from(relay)?, shutdown.clone())?;
+        config.tunnel = Some(tunnel);
+    } else {
+        warn!("no [relay] configured: `relay` verdicts are dropped (fail closed)");
+    }
+    serve_sidecar(config, policy, Some(settings.policy_dir), shutdown, None).await
+}
+
+async fn relay(path: &Path) -> anyhow::Result<()> {
+    let config = RelayConfig::load(path)?;
+    let shown = |p: &Path| p.display().to_string();
+    let certs = pki::certificates(
+        &pki::read(&config.certificate)?,
+        &shown(&config.certificate),
+    )?;
+    let key = pki::private_key(
+        &pki::read(&config.private_key)?,
+        &shown(&config.private_key),
+    )?;
+    let ca = pki::certificates(&pki::read(&config.client_ca)?, &shown(&config.client_ca))?;
+    let tls = pki::server_config(certs, key, &ca)?;
+    let relay = Relay::bind(config, tls)?;
+    info!(listen = %relay.local_addr()?, "veil relay ready");
+    let handle = relay.handle();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(relay.run(shutdown.clone()));
+    wait_for_stop().await?;
+    info!("shutting down");
+    shutdown.cancel();
+    let _ = run.await;
+    for (name, value) in handle.counters().snapshot() {
+        info!(counter = name, value, "final count");
+    }
+    Ok(())
+}
+
+async fn wait_for_stop() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    Ok(())
+}
+
+async fn up(listen: SocketAddr, allow: Vec<ipnet::IpNet>) -> anyhow::Result<()> {
+    let policy = policy::embedded_default()
+        .map_err(|e| anyhow::anyhow!("built-in policy is invalid:\n{e}"))?;
+    let set = pki::generate(
+        &["localhost".to_owned(), "127.0.0.1".to_owned()],
+        &["veil-up".to_owned()],
+    )?;
+    let ca = pki::certificates(&set.ca_cert_pem, "generated CA")?;
+    let tls = pki::server_config(
+        pki::certificates(&set.relay.cert_pem, "generated relay certificate")?,
+        pki::private_key(&set.relay.key_pem, "generated relay key")?,
+        &ca,
+    )?;
+    let relay_config = RelayConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        public_address: [127, 0, 0, 1].into(),
+        certificate: PathBuf::new(),
+        private_key: PathBuf::new(),
+        client_ca: PathBuf::new(),
+        allow,
+        inbound_filter: InboundFilter::AddressDependent,
+        quotas: Quotas::default(),
+    };
+    let relay = Relay::bind(relay_config, tls)?;
+    let relay_addr = relay.local_addr()?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(relay.run(shutdown.clone()));
+    let (_, client) = set.clients.first().context("generated client identity")?;
+    let tunnel = Tunnel::start(
+        TunnelConfig {
+            relay: relay_addr,
+            server_name: "localhost".to_owned(),
+            client: pki::client_config(
+                &ca,
+                pki::certificates(&client.cert_pem, "generated client certificate")?,
+                pki::private_key(&client.key_pem, "generated client key")?,
+            )?,
+        },
+        shutdown.clone(),
+    )?;
+    let mut config = Config::new(listen);
+    config.tunnel = Some(tunnel);
+    let banner = format!(
+        "veil is up: SOCKS5 on {listen}, relay on {relay_addr} (QUIC, fresh certificates), built-in default policy.\n\
+         `relay` verdicts leave from the relay's address; private networks go direct; nothing is ever sent\n\
+         direct that the policy says to relay. Try it (PySocks: pip install PySocks==1.7.1):\n  \
+         python3 -c \"import socks,socket; s=socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM); \
+         s.set_proxy(socks.SOCKS5,'{}',{}); s.settimeout(2); s.sendto(b'hi',('192.168.1.10',7)); print('sent')\"\n  \
+         curl --socks5 {listen} http://10.0.0.1/",
+        listen.ip(),
+        listen.port()
+    );
+    serve_sidecar(config, policy, None, shutdown, Some(banner)).await
+}
+
+async fn serve_sidecar(
     config: Config,
     policy: Policy,
     policy_dir: Option<PathBuf>,
-    banner: bool,
+    shutdown: CancellationToken,
+    banner: Option<String>,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let server = Server::bind(config, policy).await?;
     let addr = server.local_addr()?;
     let handle = server.handle();
     info!(listen = %addr, "veil sidecar ready (SOCKS5)");
-    if banner {
-        println!(
-            "veil is up: SOCKS5 on {addr} with the built-in default policy.\n\
-             No relay is configured yet, so `relay` verdicts are dropped (fail closed).\n\
-             Try it:\n  python3 -c \"import socks,socket; s=socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM); \
-             s.set_proxy(socks.SOCKS5,'{}',{}); s.settimeout(2); s.sendto(b'hi',('192.168.1.10',7))\"\n  \
-             curl --socks5 {addr} http://10.0.0.1/",
-            addr.ip(),
-            addr.port()
-        );
+    if let Some(banner) = banner {
+        println!("{banner}");
     }
-    let shutdown = CancellationToken::new();
     let run = tokio::spawn(server.run(shutdown.clone()));
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;

@@ -3,5 +3,5 @@
 //! (RFC 9297). The wire formats and per-request state machines are sans IO; the QUIC and HTTP/3
 //! shells live in [`crate::relay`] and [`crate::tunnel`].
 
-pub mod wire;
 pub mod request;
+pub mod wire;

@@ -182,9 +182,11 @@ pub fn server_config(
     key: PrivateKeyDer<'static>,
     client_ca: &[CertificateDer<'static>],
 ) -> Result<quinn::ServerConfig, Error> {
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(client_ca)?), provider())
-            .build()?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(client_ca)?),
+        provider(),
+    )
+    .build()?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -221,7 +223,11 @@ mod tests {
 
     #[test]
     fn generated_set_builds_both_configs() {
-        let pki = generate(&["relay.test".into(), "127.0.0.1".into()], &["laptop-1".into()]).expect("pki");
+        let pki = generate(
+            &["relay.test".into(), "127.0.0.1".into()],
+            &["laptop-1".into()],
+        )
+        .expect("pki");
         let ca = certificates(&pki.ca_cert_pem, "ca").expect("ca");
         let relay = certificates(&pki.relay.cert_pem, "relay").expect("relay cert");
         let key = private_key(&pki.relay.key_pem, "relay key").expect("relay key");
@@ -231,7 +237,13 @@ mod tests {
         let certs = certificates(&client.cert_pem, "client").expect("client cert");
         let key = private_key(&client.key_pem, "client key").expect("client key");
         client_config(&ca, certs, key).expect("client config");
-        assert!(matches!(certificates("nothing", "f"), Err(Error::Pem { .. })));
-        assert!(matches!(private_key("nothing", "f"), Err(Error::Pem { .. })));
+        assert!(matches!(
+            certificates("nothing", "f"),
+            Err(Error::Pem { .. })
+        ));
+        assert!(matches!(
+            private_key("nothing", "f"),
+            Err(Error::Pem { .. })
+        ));
     }
 }

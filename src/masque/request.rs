@@ -222,9 +222,15 @@ impl ProxyContexts {
     }
 
     /// Where a client's datagram on `context_id` goes, and its UDP payload.
-    pub fn from_client<'a>(&self, context_id: u64, payload: &'a [u8]) -> Option<(SocketAddr, &'a [u8])> {
+    pub fn from_client<'a>(
+        &self,
+        context_id: u64,
+        payload: &'a [u8],
+    ) -> Option<(SocketAddr, &'a [u8])> {
         if self.uncompressed == Some(context_id) {
-            return wire::decode_uncompressed(payload).ok().map(|(a, p)| (canonical(a), p));
+            return wire::decode_uncompressed(payload)
+                .ok()
+                .map(|(a, p)| (canonical(a), p));
         }
         self.by_id.get(&context_id).map(|peer| (*peer, payload))
     }
@@ -364,9 +370,15 @@ impl ClientContexts {
     }
 
     /// The peer and UDP payload of a datagram from the proxy on `context_id`.
-    pub fn inbound<'a>(&self, context_id: u64, payload: &'a [u8]) -> Option<(SocketAddr, &'a [u8])> {
+    pub fn inbound<'a>(
+        &self,
+        context_id: u64,
+        payload: &'a [u8],
+    ) -> Option<(SocketAddr, &'a [u8])> {
         if self.uncompressed == Some(context_id) {
-            return wire::decode_uncompressed(payload).ok().map(|(a, p)| (canonical(a), p));
+            return wire::decode_uncompressed(payload)
+                .ok()
+                .map(|(a, p)| (canonical(a), p));
         }
         self.by_id.get(&context_id).map(|peer| (*peer, payload))
     }
@@ -394,10 +406,28 @@ mod tests {
         let cases: &[(&str, Result<UdpTarget, PathError>)] = &[
             (BIND_PATH, Ok(UdpTarget::Bind)),
             ("/.well-known/masque/udp/*/*/", Ok(UdpTarget::Bind)),
-            ("/.well-known/masque/udp/192.0.2.6/443/", Ok(UdpTarget::Host { host: "192.0.2.6".into(), port: 443 })),
-            ("/.well-known/masque/udp/2001%3Adb8%3A%3A1/53/", Ok(UdpTarget::Host { host: "2001:db8::1".into(), port: 53 })),
-            ("/.well-known/masque/udp/example.com/0/", Err(PathError::Port)),
-            ("/.well-known/masque/udp/example.com/x/", Err(PathError::Port)),
+            (
+                "/.well-known/masque/udp/192.0.2.6/443/",
+                Ok(UdpTarget::Host {
+                    host: "192.0.2.6".into(),
+                    port: 443,
+                }),
+            ),
+            (
+                "/.well-known/masque/udp/2001%3Adb8%3A%3A1/53/",
+                Ok(UdpTarget::Host {
+                    host: "2001:db8::1".into(),
+                    port: 53,
+                }),
+            ),
+            (
+                "/.well-known/masque/udp/example.com/0/",
+                Err(PathError::Port),
+            ),
+            (
+                "/.well-known/masque/udp/example.com/x/",
+                Err(PathError::Port),
+            ),
             ("/.well-known/masque/udp/%2A/443/", Err(PathError::Host)),
             ("/.well-known/masque/udp/a/1/extra/", Err(PathError::Shape)),
             ("/.well-known/masque/udp/a/1", Err(PathError::Shape)),
@@ -407,7 +437,13 @@ mod tests {
         for (path, want) in cases {
             assert_eq!(&parse_path(path), want, "{path}");
         }
-        assert_eq!(parse_path(&target_path(addr("[2001:db8::1]:53"))), Ok(UdpTarget::Host { host: "2001:db8::1".into(), port: 53 }));
+        assert_eq!(
+            parse_path(&target_path(addr("[2001:db8::1]:53"))),
+            Ok(UdpTarget::Host {
+                host: "2001:db8::1".into(),
+                port: 53
+            })
+        );
     }
 
     #[test]
@@ -418,8 +454,14 @@ mod tests {
         assert!(!is_sf_true(b"?1, ?1"));
         let v = format_public_addresses(&[addr("192.0.2.1:4321"), addr("[2001:db8::1]:4321")]);
         assert_eq!(v, "\"192.0.2.1:4321\", \"[2001:db8::1]:4321\"");
-        assert_eq!(parse_public_addresses(&v), vec![addr("192.0.2.1:4321"), addr("[2001:db8::1]:4321")]);
-        assert_eq!(parse_public_addresses("token, \"nope\", \"1.2.3.4:5\";p=1"), vec![addr("1.2.3.4:5")]);
+        assert_eq!(
+            parse_public_addresses(&v),
+            vec![addr("192.0.2.1:4321"), addr("[2001:db8::1]:4321")]
+        );
+        assert_eq!(
+            parse_public_addresses("token, \"nope\", \"1.2.3.4:5\";p=1"),
+            vec![addr("1.2.3.4:5")]
+        );
     }
 
     #[test]
@@ -429,17 +471,34 @@ mod tests {
         let peer = addr("203.0.113.5:5004");
         let denied = addr("10.0.0.1:5004");
         let permits = |p: SocketAddr| p != denied;
-        assert_eq!(proxy.on_capsule(&hello, permits), Ok(Some(Capsule::CompressionAck { context_id: 2 })));
+        assert_eq!(
+            proxy.on_capsule(&hello, permits),
+            Ok(Some(Capsule::CompressionAck { context_id: 2 }))
+        );
         // Two packets go uncompressed; the third registers a compressed context.
         for _ in 0..2 {
-            assert_eq!(client.outbound(peer).map(|o| (o.context_id, o.compressed, o.assign)), Some((2, false, None)));
+            assert_eq!(
+                client
+                    .outbound(peer)
+                    .map(|o| (o.context_id, o.compressed, o.assign)),
+                Some((2, false, None))
+            );
         }
         let third = client.outbound(peer).expect("outbound");
         let assign = third.assign.expect("assign on the third packet");
-        assert_eq!(assign, Capsule::CompressionAssign { context_id: 4, peer: Some(peer) });
+        assert_eq!(
+            assign,
+            Capsule::CompressionAssign {
+                context_id: 4,
+                peer: Some(peer)
+            }
+        );
         // Until the ACK, still uncompressed.
         assert!(!client.outbound(peer).expect("outbound").compressed);
-        let ack = proxy.on_capsule(&assign, permits).expect("valid").expect("answer");
+        let ack = proxy
+            .on_capsule(&assign, permits)
+            .expect("valid")
+            .expect("answer");
         assert_eq!(client.on_capsule(&ack), Ok(None));
         let o = client.outbound(peer).expect("outbound");
         assert_eq!((o.context_id, o.compressed), (4, true));
@@ -452,8 +511,15 @@ mod tests {
         for _ in 0..2 {
             client.outbound(denied);
         }
-        let assign = client.outbound(denied).expect("outbound").assign.expect("assign");
-        let close = proxy.on_capsule(&assign, permits).expect("valid").expect("answer");
+        let assign = client
+            .outbound(denied)
+            .expect("outbound")
+            .assign
+            .expect("assign");
+        let close = proxy
+            .on_capsule(&assign, permits)
+            .expect("valid")
+            .expect("answer");
         assert_eq!(close, Capsule::CompressionClose { context_id: 6 });
         client.on_capsule(&close).expect("valid");
         assert_eq!(client.outbound(denied).map(|o| o.compressed), Some(false));
@@ -463,23 +529,101 @@ mod tests {
     fn protocol_violations_are_errors() {
         let mut proxy = ProxyContexts::new(4);
         let ok = |_| true;
-        assert_eq!(proxy.on_capsule(&Capsule::CompressionAssign { context_id: 3, peer: None }, ok), Err(ContextError::Parity(3)));
-        proxy.on_capsule(&Capsule::CompressionAssign { context_id: 2, peer: None }, ok).expect("first uncompressed");
-        assert_eq!(proxy.on_capsule(&Capsule::CompressionAssign { context_id: 4, peer: None }, ok), Err(ContextError::SecondUncompressed));
-        assert_eq!(proxy.on_capsule(&Capsule::CompressionAssign { context_id: 2, peer: None }, ok), Err(ContextError::Repeated(2)));
+        assert_eq!(
+            proxy.on_capsule(
+                &Capsule::CompressionAssign {
+                    context_id: 3,
+                    peer: None
+                },
+                ok
+            ),
+            Err(ContextError::Parity(3))
+        );
+        proxy
+            .on_capsule(
+                &Capsule::CompressionAssign {
+                    context_id: 2,
+                    peer: None,
+                },
+                ok,
+            )
+            .expect("first uncompressed");
+        assert_eq!(
+            proxy.on_capsule(
+                &Capsule::CompressionAssign {
+                    context_id: 4,
+                    peer: None
+                },
+                ok
+            ),
+            Err(ContextError::SecondUncompressed)
+        );
+        assert_eq!(
+            proxy.on_capsule(
+                &Capsule::CompressionAssign {
+                    context_id: 2,
+                    peer: None
+                },
+                ok
+            ),
+            Err(ContextError::Repeated(2))
+        );
         let p = Some(addr("192.0.2.1:1"));
-        proxy.on_capsule(&Capsule::CompressionAssign { context_id: 6, peer: p }, ok).expect("ok");
-        assert_eq!(proxy.on_capsule(&Capsule::CompressionAssign { context_id: 8, peer: p }, ok), Err(ContextError::RepeatedTuple(addr("192.0.2.1:1"))));
-        assert_eq!(proxy.on_capsule(&Capsule::CompressionAck { context_id: 6 }, ok), Err(ContextError::UnexpectedAck(6)));
+        proxy
+            .on_capsule(
+                &Capsule::CompressionAssign {
+                    context_id: 6,
+                    peer: p,
+                },
+                ok,
+            )
+            .expect("ok");
+        assert_eq!(
+            proxy.on_capsule(
+                &Capsule::CompressionAssign {
+                    context_id: 8,
+                    peer: p
+                },
+                ok
+            ),
+            Err(ContextError::RepeatedTuple(addr("192.0.2.1:1")))
+        );
+        assert_eq!(
+            proxy.on_capsule(&Capsule::CompressionAck { context_id: 6 }, ok),
+            Err(ContextError::UnexpectedAck(6))
+        );
         // Closing the uncompressed context makes the proxy a firewall for unregistered peers.
-        proxy.on_capsule(&Capsule::CompressionClose { context_id: 2 }, ok).expect("close");
+        proxy
+            .on_capsule(&Capsule::CompressionClose { context_id: 2 }, ok)
+            .expect("close");
         assert_eq!(proxy.to_client(addr("198.51.100.1:1")), None);
         assert_eq!(proxy.to_client(addr("192.0.2.1:1")), Some((6, true)));
 
         let (mut client, _) = ClientContexts::new(4, 1);
-        assert_eq!(client.on_capsule(&Capsule::CompressionAssign { context_id: 5, peer: None }), Err(ContextError::ProxyUncompressed));
-        assert_eq!(client.on_capsule(&Capsule::CompressionAssign { context_id: 4, peer: p }), Err(ContextError::Parity(4)));
-        assert_eq!(client.on_capsule(&Capsule::CompressionAssign { context_id: 5, peer: p }), Ok(Some(Capsule::CompressionClose { context_id: 5 })));
-        assert_eq!(client.on_capsule(&Capsule::CompressionAck { context_id: 8 }), Err(ContextError::UnexpectedAck(8)));
+        assert_eq!(
+            client.on_capsule(&Capsule::CompressionAssign {
+                context_id: 5,
+                peer: None
+            }),
+            Err(ContextError::ProxyUncompressed)
+        );
+        assert_eq!(
+            client.on_capsule(&Capsule::CompressionAssign {
+                context_id: 4,
+                peer: p
+            }),
+            Err(ContextError::Parity(4))
+        );
+        assert_eq!(
+            client.on_capsule(&Capsule::CompressionAssign {
+                context_id: 5,
+                peer: p
+            }),
+            Ok(Some(Capsule::CompressionClose { context_id: 5 }))
+        );
+        assert_eq!(
+            client.on_capsule(&Capsule::CompressionAck { context_id: 8 }),
+            Err(ContextError::UnexpectedAck(8))
+        );
     }
 }

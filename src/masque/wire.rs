@@ -307,7 +307,10 @@ mod tests {
     fn varints_match_rfc9000_examples() {
         // RFC 9000 Appendix A.1.
         let cases: &[(&[u8], u64)] = &[
-            (&[0xc2, 0x19, 0x7c, 0x5e, 0xff, 0x14, 0xe8, 0x8c], 151_288_809_941_952_652),
+            (
+                &[0xc2, 0x19, 0x7c, 0x5e, 0xff, 0x14, 0xe8, 0x8c],
+                151_288_809_941_952_652,
+            ),
             (&[0x9d, 0x7f, 0x3e, 0x7d], 494_878_333),
             (&[0x7b, 0xbd], 15_293),
             (&[0x25], 37),
@@ -326,9 +329,18 @@ mod tests {
     #[test]
     fn capsules_round_trip_and_partial_input_asks_for_more() {
         let capsules = [
-            Capsule::CompressionAssign { context_id: 2, peer: None },
-            Capsule::CompressionAssign { context_id: 4, peer: Some("203.0.113.9:3478".parse().expect("addr")) },
-            Capsule::CompressionAssign { context_id: 1_000_000, peer: Some("[2001:db8::1]:9".parse().expect("addr")) },
+            Capsule::CompressionAssign {
+                context_id: 2,
+                peer: None,
+            },
+            Capsule::CompressionAssign {
+                context_id: 4,
+                peer: Some("203.0.113.9:3478".parse().expect("addr")),
+            },
+            Capsule::CompressionAssign {
+                context_id: 1_000_000,
+                peer: Some("[2001:db8::1]:9".parse().expect("addr")),
+            },
             Capsule::CompressionAck { context_id: 4 },
             Capsule::CompressionClose { context_id: 6 },
         ];
@@ -339,9 +351,15 @@ mod tests {
         let mut decoded = Vec::new();
         let mut at = 0;
         while at < stream.len() {
-            let (c, used) = decode_capsule(&stream[at..]).expect("valid").expect("complete");
+            let (c, used) = decode_capsule(&stream[at..])
+                .expect("valid")
+                .expect("complete");
             for cut in at..at + used {
-                assert_eq!(decode_capsule(&stream[at..cut]), Ok(None), "prefix of {c:?}");
+                assert_eq!(
+                    decode_capsule(&stream[at..cut]),
+                    Ok(None),
+                    "prefix of {c:?}"
+                );
             }
             decoded.push(c);
             at += used;
@@ -356,16 +374,25 @@ mod tests {
         Capsule::CompressionAck { context_id: 2 }.encode(&mut buf);
         let (c, used) = decode_capsule(&buf).expect("valid").expect("complete");
         assert_eq!((c, used), (Capsule::Unknown { capsule_type: 0x2a }, 5));
-        assert_eq!(decode_capsule(&buf[5..]).expect("valid").map(|(c, _)| c), Some(Capsule::CompressionAck { context_id: 2 }));
+        assert_eq!(
+            decode_capsule(&buf[5..]).expect("valid").map(|(c, _)| c),
+            Some(Capsule::CompressionAck { context_id: 2 })
+        );
 
         assert_eq!(decode_capsule(&[0x11, 2, 0, 0]), Err(Error::ZeroContext));
         assert_eq!(decode_capsule(&[0x11, 2, 2, 5]), Err(Error::IpVersion(5)));
         assert_eq!(decode_capsule(&[0x11, 3, 2, 0, 7]), Err(Error::Trailing(1)));
         assert_eq!(decode_capsule(&[0x12, 2, 2, 7]), Err(Error::Trailing(1)));
         assert_eq!(decode_capsule(&[0x13, 1, 0]), Err(Error::ZeroContext));
-        assert_eq!(decode_capsule(&[0x11, 0x80, 0x10, 0, 1]), Err(Error::TooLong(0x10_0001)));
+        assert_eq!(
+            decode_capsule(&[0x11, 0x80, 0x10, 0, 1]),
+            Err(Error::TooLong(0x10_0001))
+        );
         // An IPv4 assign whose value stops inside the address.
-        assert_eq!(decode_capsule(&[0x11, 4, 2, 4, 1, 2]), Err(Error::Truncated));
+        assert_eq!(
+            decode_capsule(&[0x11, 4, 2, 4, 1, 2]),
+            Err(Error::Truncated)
+        );
     }
 
     #[test]
@@ -387,9 +414,12 @@ mod tests {
 
     fn addr() -> impl Strategy<Value = SocketAddr> {
         prop_oneof![
-            (any::<u32>(), any::<u16>()).prop_map(|(ip, p)| SocketAddr::new(IpAddr::V4(ip.into()), p)),
+            (any::<u32>(), any::<u16>())
+                .prop_map(|(ip, p)| SocketAddr::new(IpAddr::V4(ip.into()), p)),
             (any::<u128>(), any::<u16>())
-                .prop_filter("not v4-mapped", |(ip, _)| Ipv6Addr::from(*ip).to_ipv4_mapped().is_none())
+                .prop_filter("not v4-mapped", |(ip, _)| Ipv6Addr::from(*ip)
+                    .to_ipv4_mapped()
+                    .is_none())
                 .prop_map(|(ip, p)| SocketAddr::new(IpAddr::V6(ip.into()), p)),
         ]
     }

@@ -120,7 +120,11 @@ impl RelayConfig {
         let listen = match raw.listen.get_ref().parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
-                errors.push(at(raw.listen.span(), "listen", format!("expected IP:PORT, found {:?}", raw.listen.get_ref())));
+                errors.push(at(
+                    raw.listen.span(),
+                    "listen",
+                    format!("expected IP:PORT, found {:?}", raw.listen.get_ref()),
+                ));
                 None
             }
         };
@@ -128,13 +132,21 @@ impl RelayConfig {
             Some(p) => match p.get_ref().parse::<IpAddr>() {
                 Ok(ip) if !ip.is_unspecified() => Some(ip),
                 _ => {
-                    errors.push(at(p.span(), "public_address", format!("expected a specific IP address, found {:?}", p.get_ref())));
+                    errors.push(at(
+                        p.span(),
+                        "public_address",
+                        format!("expected a specific IP address, found {:?}", p.get_ref()),
+                    ));
                     None
                 }
             },
             None => match listen {
                 Some(l) if l.ip().is_unspecified() => {
-                    errors.push(at(raw.listen.span(), "public_address", "required when listen is an unspecified address".to_owned()));
+                    errors.push(at(
+                        raw.listen.span(),
+                        "public_address",
+                        "required when listen is an unspecified address".to_owned(),
+                    ));
                     None
                 }
                 Some(l) => Some(l.ip()),
@@ -148,7 +160,14 @@ impl RelayConfig {
             .filter_map(|(i, s)| match s.get_ref().parse::<IpNet>() {
                 Ok(net) if net.trunc() == net => Some(net),
                 _ => {
-                    errors.push(at(s.span(), &format!("allow[{i}]"), format!("expected a CIDR network without host bits, found {:?}", s.get_ref())));
+                    errors.push(at(
+                        s.span(),
+                        &format!("allow[{i}]"),
+                        format!(
+                            "expected a CIDR network without host bits, found {:?}",
+                            s.get_ref()
+                        ),
+                    ));
                     None
                 }
             })
@@ -159,18 +178,56 @@ impl RelayConfig {
                 if let Some(v) = v {
                     match u32::try_from(*v.get_ref()) {
                         Ok(n) if n >= min => *slot = n,
-                        _ => errors.push(at(v.span(), &format!("quotas.{name}"), format!("expected a whole number from {min} to {}, found {}", u32::MAX, v.get_ref()))),
+                        _ => errors.push(at(
+                            v.span(),
+                            &format!("quotas.{name}"),
+                            format!(
+                                "expected a whole number from {min} to {}, found {}",
+                                u32::MAX,
+                                v.get_ref()
+                            ),
+                        )),
                     }
                 }
             };
-            set("binds_per_user", q.binds_per_user, 1, &mut quotas.binds_per_user);
+            set(
+                "binds_per_user",
+                q.binds_per_user,
+                1,
+                &mut quotas.binds_per_user,
+            );
             set("binds_total", q.binds_total, 1, &mut quotas.binds_total);
-            set("packets_per_second_per_user", q.packets_per_second_per_user, 1, &mut quotas.packets_per_second_per_user);
-            set("bytes_per_second_per_user", q.bytes_per_second_per_user, 1500, &mut quotas.bytes_per_second_per_user);
-            set("contexts_per_bind", q.contexts_per_bind, 1, &mut quotas.contexts_per_bind);
-            set("peers_per_bind", q.peers_per_bind, 1, &mut quotas.peers_per_bind);
+            set(
+                "packets_per_second_per_user",
+                q.packets_per_second_per_user,
+                1,
+                &mut quotas.packets_per_second_per_user,
+            );
+            set(
+                "bytes_per_second_per_user",
+                q.bytes_per_second_per_user,
+                1500,
+                &mut quotas.bytes_per_second_per_user,
+            );
+            set(
+                "contexts_per_bind",
+                q.contexts_per_bind,
+                1,
+                &mut quotas.contexts_per_bind,
+            );
+            set(
+                "peers_per_bind",
+                q.peers_per_bind,
+                1,
+                &mut quotas.peers_per_bind,
+            );
             let mut idle = 300u32;
-            set("idle_timeout_seconds", q.idle_timeout_seconds, 120, &mut idle);
+            set(
+                "idle_timeout_seconds",
+                q.idle_timeout_seconds,
+                120,
+                &mut idle,
+            );
             quotas.idle_timeout = Duration::from_secs(u64::from(idle));
         }
         let base = path.parent().unwrap_or(Path::new("."));
@@ -182,7 +239,9 @@ impl RelayConfig {
                 private_key: base.join(raw.private_key),
                 client_ca: base.join(raw.client_ca),
                 allow,
-                inbound_filter: raw.inbound_filter.unwrap_or(InboundFilter::AddressDependent),
+                inbound_filter: raw
+                    .inbound_filter
+                    .unwrap_or(InboundFilter::AddressDependent),
                 quotas,
             }),
             _ => Err(ConfigErrors(errors)),
@@ -206,7 +265,10 @@ mod tests {
     #[test]
     fn parses_and_resolves_paths() {
         let c = RelayConfig::parse(Path::new("/etc/veil/relay.toml"), GOOD).expect("valid");
-        assert_eq!(c.public_address, "198.51.100.2".parse::<IpAddr>().expect("ip"));
+        assert_eq!(
+            c.public_address,
+            "198.51.100.2".parse::<IpAddr>().expect("ip")
+        );
         assert_eq!(c.certificate, Path::new("/etc/veil/relay.crt"));
         assert_eq!(c.quotas.idle_timeout, Duration::from_secs(120));
         assert_eq!(c.inbound_filter, InboundFilter::AddressDependent);
@@ -215,17 +277,35 @@ mod tests {
     #[test]
     fn malformed_entries_stop_startup_with_their_position() {
         let bad = GOOD
-            .replace("[\"203.0.113.0/24\"]", "[\"203.0.113.0/24\", \"10.0.0.1/8\", \"nonsense\"]")
+            .replace(
+                "[\"203.0.113.0/24\"]",
+                "[\"203.0.113.0/24\", \"10.0.0.1/8\", \"nonsense\"]",
+            )
             .replace("= 120", "= 60");
-        let e = RelayConfig::parse(Path::new("r.toml"), &bad).expect_err("invalid").0;
-        assert_eq!(e, vec![
-            "r.toml:5:28: allow[1]: expected a CIDR network without host bits, found \"10.0.0.1/8\"",
-            "r.toml:5:42: allow[2]: expected a CIDR network without host bits, found \"nonsense\"",
-            "r.toml:7:24: quotas.idle_timeout_seconds: expected a whole number from 120 to 4294967295, found 60",
-        ]);
-        let e = RelayConfig::parse(Path::new("r.toml"), &GOOD.replace("198.51.100.2:4433", "0.0.0.0:4433")).expect_err("invalid").0;
-        assert_eq!(e, vec!["r.toml:1:10: public_address: required when listen is an unspecified address"]);
-        let e = RelayConfig::parse(Path::new("r.toml"), &format!("{GOOD}colour = 1\n")).expect_err("invalid").0;
+        let e = RelayConfig::parse(Path::new("r.toml"), &bad)
+            .expect_err("invalid")
+            .0;
+        assert_eq!(
+            e,
+            vec![
+                "r.toml:5:28: allow[1]: expected a CIDR network without host bits, found \"10.0.0.1/8\"",
+                "r.toml:5:42: allow[2]: expected a CIDR network without host bits, found \"nonsense\"",
+                "r.toml:7:24: quotas.idle_timeout_seconds: expected a whole number from 120 to 4294967295, found 60",
+            ]
+        );
+        let e = RelayConfig::parse(
+            Path::new("r.toml"),
+            &GOOD.replace("198.51.100.2:4433", "0.0.0.0:4433"),
+        )
+        .expect_err("invalid")
+        .0;
+        assert_eq!(
+            e,
+            vec!["r.toml:1:10: public_address: required when listen is an unspecified address"]
+        );
+        let e = RelayConfig::parse(Path::new("r.toml"), &format!("{GOOD}colour = 1\n"))
+            .expect_err("invalid")
+            .0;
         assert!(e[0].starts_with("r.toml:"), "{e:?}");
         assert!(e[0].contains("unknown field `colour`"), "{e:?}");
     }

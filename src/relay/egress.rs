@@ -42,7 +42,10 @@ pub const DEFAULT_DENY: &[(&str, &str)] = &[
     ("10.0.0.0/8", "private (RFC 1918)"),
     ("100.64.0.0/10", "shared address space (CGNAT)"),
     ("127.0.0.0/8", "loopback"),
-    ("169.254.0.0/16", "link-local, incl. cloud metadata 169.254.169.254"),
+    (
+        "169.254.0.0/16",
+        "link-local, incl. cloud metadata 169.254.169.254",
+    ),
     ("172.16.0.0/12", "private (RFC 1918)"),
     ("192.0.0.0/24", "IETF protocol assignments"),
     ("192.0.2.0/24", "documentation (TEST-NET-1)"),
@@ -103,7 +106,10 @@ impl Egress {
             return Ok(());
         }
         match self.deny.iter().find(|n| n.contains(&addr)) {
-            Some(range) => Err(Refusal::Denied { addr, range: *range }),
+            Some(range) => Err(Refusal::Denied {
+                addr,
+                range: *range,
+            }),
             None => Ok(()),
         }
     }
@@ -119,16 +125,41 @@ mod tests {
 
     #[test]
     fn every_encoding_of_loopback_and_private_is_denied() {
-        assert_eq!(DEFAULT_DENY.iter().filter(|(n, _)| n.parse::<IpNet>().is_err()).count(), 0);
+        assert_eq!(
+            DEFAULT_DENY
+                .iter()
+                .filter(|(n, _)| n.parse::<IpNet>().is_err())
+                .count(),
+            0
+        );
         let e = Egress::new(vec![], vec!["198.51.100.2".parse().expect("ip")]);
         let denied = [
-            "127.0.0.1:9", "[::ffff:127.0.0.1]:9", "[::127.0.0.1]:9", "[::7f00:1]:9",
-            "[2002:7f00:1::]:9", "[2001:0:4136:e378:8000:63bf:80ff:fffe]:9",
-            "[64:ff9b::7f00:1]:9", "[64:ff9b:1::a00:1]:9",
-            "10.0.0.1:9", "[::ffff:10.0.0.1]:9", "[::a00:1]:9", "[2002:a00:1::]:9", "[64:ff9b::a00:1]:9",
-            "0.0.0.0:9", "[::]:9", "[::1]:9", "169.254.169.254:80", "100.64.1.1:9",
-            "224.0.0.251:5353", "255.255.255.255:9", "[ff02::fb]:5353", "[fe80::1]:9", "[fd00::1]:9",
-            "192.0.2.1:9", "[2001:db8::1]:9", "198.51.100.2:9",
+            "127.0.0.1:9",
+            "[::ffff:127.0.0.1]:9",
+            "[::127.0.0.1]:9",
+            "[::7f00:1]:9",
+            "[2002:7f00:1::]:9",
+            "[2001:0:4136:e378:8000:63bf:80ff:fffe]:9",
+            "[64:ff9b::7f00:1]:9",
+            "[64:ff9b:1::a00:1]:9",
+            "10.0.0.1:9",
+            "[::ffff:10.0.0.1]:9",
+            "[::a00:1]:9",
+            "[2002:a00:1::]:9",
+            "[64:ff9b::a00:1]:9",
+            "0.0.0.0:9",
+            "[::]:9",
+            "[::1]:9",
+            "169.254.169.254:80",
+            "100.64.1.1:9",
+            "224.0.0.251:5353",
+            "255.255.255.255:9",
+            "[ff02::fb]:5353",
+            "[fe80::1]:9",
+            "[fd00::1]:9",
+            "192.0.2.1:9",
+            "[2001:db8::1]:9",
+            "198.51.100.2:9",
         ];
         for s in denied {
             assert!(check(&e, s).is_err(), "{s} must be denied");
@@ -148,7 +179,10 @@ mod tests {
         assert_eq!(check(&e, "203.0.113.1:7"), Err(Refusal::Own(own)));
         assert_eq!(
             check(&e, "198.51.100.1:7"),
-            Err(Refusal::Denied { addr: "198.51.100.1".parse().expect("ip"), range: "198.51.100.0/24".parse().expect("net") })
+            Err(Refusal::Denied {
+                addr: "198.51.100.1".parse().expect("ip"),
+                range: "198.51.100.0/24".parse().expect("net")
+            })
         );
     }
 }

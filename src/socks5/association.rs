@@ -39,11 +39,13 @@ pub enum DropReason {
     UnknownPeer,
     /// The socket could not take the datagram (buffer full, or an error).
     SendFailed,
+    /// Too large for the tunnel's path right now.
+    TooLarge,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::ForeignSource,
         Self::Fragmented,
         Self::Malformed,
@@ -54,6 +56,7 @@ impl DropReason {
         Self::Unresolved,
         Self::UnknownPeer,
         Self::SendFailed,
+        Self::TooLarge,
     ];
 
     /// A stable name for logs and metrics.
@@ -69,6 +72,7 @@ impl DropReason {
             Self::Unresolved => "unresolved",
             Self::UnknownPeer => "unknown_peer",
             Self::SendFailed => "send_failed",
+            Self::TooLarge => "too_large",
         }
     }
 
@@ -192,12 +196,14 @@ impl Association {
         })
     }
 
-    /// Admits a datagram from peer `from` on an outbound socket: it must be a `direct` flow of
-    /// this association (under the policy in force), and the client must be known. Returns the
-    /// client's address.
+    /// Admits a datagram from peer `from` that arrived `via` a path (`Direct`: an outbound
+    /// socket; `Relay`: the tunnel): it must be a flow of this association whose verdict, under
+    /// the policy in force, is that path, and the client must be known. Returns the client's
+    /// address.
     pub fn admit_peer(
         &mut self,
         from: SocketAddr,
+        via: Verdict,
         policy: &PolicyVersion,
         user: &User,
     ) -> Result<SocketAddr, DropReason> {
@@ -206,9 +212,10 @@ impl Association {
         if !self.flows.contains_key(&from) {
             return Err(DropReason::UnknownPeer);
         }
-        match self.decide(from, &[], policy, user)?.decision.verdict {
-            Verdict::Direct => Ok(client),
-            _ => Err(DropReason::UnknownPeer),
+        if self.decide(from, &[], policy, user)?.decision.verdict == via {
+            Ok(client)
+        } else {
+            Err(DropReason::UnknownPeer)
         }
     }
 
@@ -295,29 +302,34 @@ mod tests {
         a.decide(addr("10.1.1.1:9"), b"x", &p1, &user)
             .expect("decided");
         assert_eq!(
-            a.admit_peer(addr("10.1.1.1:9"), &p1, &user),
+            a.admit_peer(addr("10.1.1.1:9"), Verdict::Direct, &p1, &user),
             Err(DropReason::UnknownPeer)
         );
         a.admit_client(addr("127.0.0.1:4000")).expect("client");
         assert_eq!(
-            a.admit_peer(addr("10.1.1.1:9"), &p1, &user),
+            a.admit_peer(addr("10.1.1.1:9"), Verdict::Direct, &p1, &user),
             Ok(addr("127.0.0.1:4000"))
         );
         assert_eq!(
-            a.admit_peer(addr("10.1.1.1:10"), &p1, &user),
+            a.admit_peer(addr("10.1.1.1:10"), Verdict::Direct, &p1, &user),
             Err(DropReason::UnknownPeer)
         );
         a.decide(addr("8.8.8.8:9"), b"x", &p1, &user)
             .expect("decided");
         assert_eq!(
-            a.admit_peer(addr("8.8.8.8:9"), &p1, &user),
+            a.admit_peer(addr("8.8.8.8:9"), Verdict::Direct, &p1, &user),
             Err(DropReason::UnknownPeer)
         );
         // After a reload that makes the flow `relay`, its replies stop too.
         let p2 = version(LAN_RELAY, 2);
         assert_eq!(
-            a.admit_peer(addr("10.1.1.1:9"), &p2, &user),
+            a.admit_peer(addr("10.1.1.1:9"), Verdict::Direct, &p2, &user),
             Err(DropReason::UnknownPeer)
+        );
+        // ... and they are admitted from the tunnel instead.
+        assert_eq!(
+            a.admit_peer(addr("10.1.1.1:9"), Verdict::Relay, &p2, &user),
+            Ok(addr("127.0.0.1:4000"))
         );
     }
 }

@@ -10,6 +10,7 @@ use super::passwords::PasswordFile;
 use crate::identity;
 use crate::policy::{Decision, Policy, Target, User, Verdict};
 use crate::rate::TokenBucket;
+use crate::tunnel::{self, Bind, OpenError, SendError, Tunnel, TunnelState};
 use arc_swap::ArcSwap;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -40,6 +41,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Time sessions get to end after shutdown is requested.
     pub shutdown_grace: Duration,
+    /// The tunnel to the relay; without it, `relay` verdicts are dropped (fail closed).
+    pub tunnel: Option<Tunnel>,
 }
 
 impl Config {
@@ -52,6 +55,7 @@ impl Config {
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
+            tunnel: None,
         }
     }
 }
@@ -77,6 +81,10 @@ pub struct Counters {
     pub datagrams_out: AtomicU64,
     /// Datagrams from targets delivered to clients.
     pub datagrams_in: AtomicU64,
+    /// Datagrams sent through the tunnel.
+    pub relayed_out: AtomicU64,
+    /// Datagrams from the tunnel delivered to clients.
+    pub relayed_in: AtomicU64,
     /// SOCKS5 sessions accepted (past the handshake).
     pub sessions: AtomicU64,
 }
@@ -97,20 +105,19 @@ impl Counters {
 
     /// Every counter as `(name, value)`.
     pub fn snapshot(&self) -> Vec<(String, u64)> {
-        let mut all: Vec<(String, u64)> = DropReason::ALL
+        let drops = DropReason::ALL
             .iter()
-            .map(|r| (format!("dropped_{}", r.as_str()), self.drops(*r)))
-            .collect();
-        all.push((
-            "datagrams_out".into(),
-            self.datagrams_out.load(Ordering::Relaxed),
-        ));
-        all.push((
-            "datagrams_in".into(),
-            self.datagrams_in.load(Ordering::Relaxed),
-        ));
-        all.push(("sessions".into(), self.sessions.load(Ordering::Relaxed)));
-        all
+            .map(|r| (format!("dropped_{}", r.as_str()), self.drops(*r)));
+        let totals = [
+            ("datagrams_out", &self.datagrams_out),
+            ("datagrams_in", &self.datagrams_in),
+            ("relayed_out", &self.relayed_out),
+            ("relayed_in", &self.relayed_in),
+            ("sessions", &self.sessions),
+        ]
+        .into_iter()
+        .map(|(name, c)| (name.to_owned(), c.load(Ordering::Relaxed)));
+        drops.chain(totals).collect()
     }
 }
 
@@ -502,10 +509,7 @@ async fn connect(
     log_decision(shared, user, peer, target, &decision);
     match decision.verdict {
         Verdict::Block => return Err(refuse(&mut stream, Reply::NotAllowed).await),
-        Verdict::Relay => {
-            shared.counters.drop(DropReason::RelayUnavailable);
-            return Err(refuse(&mut stream, Reply::GeneralFailure).await);
-        }
+        Verdict::Relay => return connect_relayed(shared, stream, user, target, shutdown).await,
         Verdict::Direct => {}
     }
     let outbound =
@@ -526,6 +530,44 @@ async fn connect(
         r = tokio::io::copy_bidirectional(&mut stream, &mut outbound) => { r?; }
     }
     Ok(())
+}
+
+/// CONNECT whose verdict is `relay`: a classic CONNECT through the tunnel, never direct.
+async fn connect_relayed(
+    shared: &Shared,
+    mut stream: TcpStream,
+    user: &User,
+    target: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<(), SessionError> {
+    let Some(tunnel) = &shared.config.tunnel else {
+        shared.counters.drop(DropReason::RelayUnavailable);
+        return Err(refuse(&mut stream, Reply::NetworkUnreachable).await);
+    };
+    match tunnel.open_tcp(user.name(), target).await {
+        Ok(t) => {
+            let bound = unspecified_like(target);
+            stream
+                .write_all(&codec::encode_reply(Reply::Succeeded, bound))
+                .await?;
+            t.pump(stream, shutdown).await;
+            Ok(())
+        }
+        Err(e) => {
+            info!(user = %user, target = %target, error = %e, "relayed connect failed");
+            let reply = match &e {
+                OpenError::NotConnected => {
+                    shared.counters.drop(DropReason::RelayUnavailable);
+                    Reply::NetworkUnreachable
+                }
+                e if tunnel::is_prohibited(e) => Reply::NotAllowed,
+                OpenError::Refused { status: 502, .. } => Reply::ConnectionRefused,
+                OpenError::Refused { status: 504, .. } => Reply::TtlExpired,
+                _ => Reply::GeneralFailure,
+            };
+            Err(refuse(&mut stream, reply).await)
+        }
+    }
 }
 
 /// Room kept in front of a received payload for the SOCKS5 header of the largest address.
@@ -552,6 +594,14 @@ struct Relay<'a> {
     /// Domain targets resolved once for the life of the association.
     names: HashMap<(String, u16), SocketAddr>,
     max_names: usize,
+    /// The association's bind on the relay: one public address for all its relayed peers.
+    bind: Option<Bind>,
+    /// A bind request under way.
+    opening: Option<tokio::task::JoinHandle<Result<Bind, OpenError>>>,
+    /// When the last bind request started (retries at most once a second).
+    last_attempt: Option<Instant>,
+    /// A relayed packet found no bind: open one.
+    want_bind: bool,
 }
 
 /// A datagram to a domain target whose name must be resolved first.
@@ -580,6 +630,24 @@ fn outbound_socket(v6: bool) -> io::Result<UdpSocket> {
 /// almost always is; when its buffer is full the datagram is dropped, as the network would).
 fn send_now(socket: &UdpSocket, payload: &[u8], to: SocketAddr) -> io::Result<usize> {
     socket2::SockRef::from(socket).send_to(payload, &to.into())
+}
+
+async fn next_relayed(bind: Option<&mut Bind>) -> Option<(SocketAddr, bytes::Bytes)> {
+    match bind {
+        Some(b) => b.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn opened(
+    opening: Option<&mut tokio::task::JoinHandle<Result<Bind, OpenError>>>,
+) -> Result<Bind, OpenError> {
+    match opening {
+        Some(handle) => handle
+            .await
+            .unwrap_or_else(|e| Err(OpenError::Failed(e.to_string()))),
+        None => std::future::pending().await,
+    }
 }
 
 async fn readable(socket: Option<&UdpSocket>) -> io::Result<()> {
@@ -659,13 +727,14 @@ impl Relay<'_> {
             let client = self.association.client().unwrap_or(target);
             log_decision(shared, &self.user, client, target, &decision.decision);
         }
-        match decision.decision.verdict {
-            Verdict::Block => return shared.counters.drop(DropReason::Blocked),
-            Verdict::Relay => return shared.counters.drop(DropReason::RelayUnavailable),
-            Verdict::Direct => {}
+        if decision.decision.verdict == Verdict::Block {
+            return shared.counters.drop(DropReason::Blocked);
         }
         if !self.take_packet_token(&policy) {
             return shared.counters.drop(DropReason::RateLimit);
+        }
+        if decision.decision.verdict == Verdict::Relay {
+            return self.relay(target, payload);
         }
         let target = super::association::canonical(target);
         let slot = if target.is_ipv4() {
@@ -692,6 +761,68 @@ impl Relay<'_> {
             }
             _ => shared.counters.drop(DropReason::SendFailed),
         }
+    }
+
+    /// Sends through the relay, or drops: never direct.
+    fn relay(&mut self, target: SocketAddr, payload: &[u8]) {
+        let counters = &self.shared.counters;
+        let Some(bind) = self.bind.as_mut() else {
+            self.want_bind = true;
+            return counters.drop(DropReason::RelayUnavailable);
+        };
+        match bind.send(target, payload) {
+            Ok(()) => {
+                counters.relayed_out.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(SendError::TooLarge) => counters.drop(DropReason::TooLarge),
+            Err(SendError::Closed) => {
+                self.bind = None;
+                self.want_bind = true;
+                counters.drop(DropReason::RelayUnavailable);
+            }
+        }
+    }
+
+    /// A datagram from a relayed peer: to the client, if that peer is a `relay` flow.
+    fn deliver_relayed(&mut self, peer: SocketAddr, payload: &[u8]) {
+        let shared = self.shared;
+        let policy = shared.policy.load();
+        let client = match self
+            .association
+            .admit_peer(peer, Verdict::Relay, &policy, &self.user)
+        {
+            Ok(c) => c,
+            Err(reason) => return shared.counters.drop(reason),
+        };
+        let mut out = Vec::with_capacity(HEADROOM + payload.len());
+        codec::encode_datagram_header(&mut out, peer);
+        out.extend_from_slice(payload);
+        match send_now(&self.client_socket, &out, client) {
+            Ok(_) => {
+                shared.counters.relayed_in.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => shared.counters.drop(DropReason::SendFailed),
+        }
+    }
+
+    /// Starts a bind request if one is wanted and none is under way.
+    fn maybe_open_bind(&mut self) {
+        let Some(tunnel) = &self.shared.config.tunnel else {
+            return;
+        };
+        let recently = self
+            .last_attempt
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1));
+        if !self.want_bind || self.bind.is_some() || self.opening.is_some() || recently {
+            return;
+        }
+        if tunnel.state() != TunnelState::Connected {
+            return;
+        }
+        self.want_bind = false;
+        self.last_attempt = Some(Instant::now());
+        let (tunnel, user) = (tunnel.clone(), self.user.name().to_owned());
+        self.opening = Some(tokio::spawn(async move { tunnel.open_bind(&user).await }));
     }
 
     fn take_packet_token(&self, policy: &PolicyVersion) -> bool {
@@ -726,13 +857,17 @@ impl Relay<'_> {
                     Err(_) => return,
                 };
                 let policy = shared.policy.load();
-                let client = match self.association.admit_peer(from, &policy, &self.user) {
-                    Ok(client) => client,
-                    Err(reason) => {
-                        shared.counters.drop(reason);
-                        continue;
-                    }
-                };
+                let client =
+                    match self
+                        .association
+                        .admit_peer(from, Verdict::Direct, &policy, &self.user)
+                    {
+                        Ok(client) => client,
+                        Err(reason) => {
+                            shared.counters.drop(reason);
+                            continue;
+                        }
+                    };
                 let from = super::association::canonical(from);
                 let start = HEADROOM - codec::datagram_header_len(from);
                 let mut header = Vec::with_capacity(HEADROOM);
@@ -787,10 +922,24 @@ async fn associate(
         Err(_) => return Err(refuse(&mut control, Reply::GeneralFailure).await),
     };
     let bound = client_socket.local_addr()?;
+    // Open the relay bind before answering, so the app's first packets (STUN, usually) find it.
+    let mut bind = None;
+    if let Some(tunnel) = &shared.config.tunnel
+        && tunnel.state() == TunnelState::Connected
+    {
+        match tokio::time::timeout(Duration::from_secs(3), tunnel.open_bind(user.name())).await {
+            Ok(Ok(b)) => bind = Some(b),
+            Ok(Err(e)) => {
+                warn!(user = %user, error = %e, "relay bind failed; relayed traffic is dropped")
+            }
+            Err(_) => warn!(user = %user, "relay bind timed out; relayed traffic is dropped"),
+        }
+    }
     control
         .write_all(&codec::encode_reply(Reply::Succeeded, bound))
         .await?;
-    info!(user = %user, client = %peer, udp = %bound, declared = %declared, "udp association open");
+    let public = bind.as_ref().map(|b| b.public_address().to_string());
+    info!(user = %user, client = %peer, udp = %bound, declared = %declared, relay_public = public.as_deref().unwrap_or("none"), "udp association open");
 
     let mut relay = Relay {
         shared,
@@ -801,7 +950,12 @@ async fn associate(
         out_v6: None,
         names: HashMap::new(),
         max_names: usize::try_from(max_flows).unwrap_or(usize::MAX),
+        want_bind: shared.config.tunnel.is_some() && bind.is_none(),
+        bind,
+        opening: None,
+        last_attempt: None,
     };
+    relay.maybe_open_bind();
     let mut control_byte = [0u8; 64];
     loop {
         tokio::select! {
@@ -820,7 +974,32 @@ async fn associate(
             }
             r = readable(relay.out_v4.as_ref()) => { r?; relay.drain_peers(false); }
             r = readable(relay.out_v6.as_ref()) => { r?; relay.drain_peers(true); }
+            d = next_relayed(relay.bind.as_mut()) => match d {
+                Some((peer, payload)) => relay.deliver_relayed(peer, &payload),
+                None => {
+                    info!(user = %relay.user, client = %peer, "relay bind closed; relayed traffic is dropped until a new one opens");
+                    relay.bind = None;
+                    relay.want_bind = true;
+                }
+            },
+            r = opened(relay.opening.as_mut()) => {
+                relay.opening = None;
+                match r {
+                    Ok(bind) => {
+                        info!(user = %relay.user, client = %peer, public = %bind.public_address(), "relay bind open");
+                        relay.bind = Some(bind);
+                    }
+                    Err(e) => {
+                        warn!(user = %relay.user, client = %peer, error = %e, "relay bind failed; relayed traffic is dropped");
+                        relay.want_bind = true;
+                    }
+                }
+            }
         }
+        relay.maybe_open_bind();
+    }
+    if let Some(handle) = relay.opening.take() {
+        handle.abort();
     }
     info!(user = %relay.user, client = %peer, flows = relay.association.flow_count(), "udp association closed");
     Ok(())

@@ -1,0 +1,825 @@
+//! The relay's tokio shell: QUIC endpoint, HTTP/3 connections, one task per CONNECT-UDP request.
+//!
+//! Per connection, one task reads QUIC DATAGRAM frames and hands each to its request by quarter
+//! stream ID (a map lookup; the UDP send happens right there, no channel hop). Per request, one
+//! task owns the request stream (capsules) and reads the bind's UDP socket, sending what arrives
+//! back as datagrams. The sans-IO parts decide: [`ProxyContexts`], [`Egress`], token buckets.
+
+use super::config::{InboundFilter, RelayConfig};
+use super::egress::{Egress, Refusal};
+use crate::masque::request::{
+    self as mreq, HEADER_BIND, HEADER_CAPSULE_PROTOCOL, HEADER_PUBLIC_ADDRESS, HEADER_USER,
+    ProxyContexts, UdpTarget,
+};
+use crate::masque::wire;
+use crate::rate::TokenBucket;
+use bytes::{Buf, Bytes};
+use http::{Method, Response, StatusCode};
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+type H3Conn = h3::server::Connection<h3_quinn::Connection, Bytes>;
+type H3Stream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+
+/// Why the relay cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The QUIC endpoint could not be bound.
+    #[error("listening on {0}: {1}")]
+    Listen(SocketAddr, io::Error),
+}
+
+/// What the relay did, by reason.
+#[derive(Debug, Default)]
+pub struct RelayCounters {
+    /// Datagrams from clients sent on to peers.
+    pub datagrams_out: AtomicU64,
+    /// Datagrams from peers delivered to clients.
+    pub datagrams_in: AtomicU64,
+    /// Dropped: the egress policy forbids the peer.
+    pub dropped_egress: AtomicU64,
+    /// Dropped: a user or bind quota.
+    pub dropped_quota: AtomicU64,
+    /// Dropped: a context or request the relay does not know.
+    pub dropped_unknown: AtomicU64,
+    /// Dropped: too large for a QUIC DATAGRAM frame on the path.
+    pub dropped_too_large: AtomicU64,
+    /// Dropped: a peer the client has not sent to (address-dependent filtering).
+    pub dropped_inbound_filter: AtomicU64,
+    /// Requests accepted.
+    pub requests_accepted: AtomicU64,
+    /// Requests refused.
+    pub requests_refused: AtomicU64,
+}
+
+impl RelayCounters {
+    /// Every counter as `(name, value)`.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        [
+            ("datagrams_out", &self.datagrams_out),
+            ("datagrams_in", &self.datagrams_in),
+            ("dropped_egress", &self.dropped_egress),
+            ("dropped_quota", &self.dropped_quota),
+            ("dropped_unknown", &self.dropped_unknown),
+            ("dropped_too_large", &self.dropped_too_large),
+            ("dropped_inbound_filter", &self.dropped_inbound_filter),
+            ("requests_accepted", &self.requests_accepted),
+            ("requests_refused", &self.requests_refused),
+        ]
+        .into_iter()
+        .map(|(n, c)| (n, c.load(Ordering::Relaxed)))
+        .collect()
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What one user uses right now.
+#[derive(Debug)]
+struct UserUse {
+    binds: u32,
+    packets: TokenBucket,
+    bytes: TokenBucket,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: RelayConfig,
+    egress: Egress,
+    users: Mutex<HashMap<String, UserUse>>,
+    binds_total: AtomicU32,
+    counters: RelayCounters,
+    started: Instant,
+}
+
+impl Shared {
+    /// Charges one datagram of `len` bytes to `user`; false if over quota.
+    fn charge(&self, user: &str, len: usize) -> bool {
+        let now = Instant::now();
+        let Ok(mut users) = self.users.lock() else {
+            return false;
+        };
+        let Some(u) = users.get_mut(user) else {
+            return false;
+        };
+        if !u.packets.take(now) {
+            return false;
+        }
+        // Bytes are charged in 1500-byte units so that one token bucket serves both limits.
+        let units = len.div_ceil(1500).max(1);
+        (0..units).all(|_| u.bytes.take(now))
+    }
+
+    fn millis(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// A running request's slot in its user's and the global bind count; released on drop.
+struct BindSlot {
+    shared: Arc<Shared>,
+    user: String,
+}
+
+impl Drop for BindSlot {
+    fn drop(&mut self) {
+        self.shared.binds_total.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(mut users) = self.shared.users.lock()
+            && let Some(u) = users.get_mut(&self.user)
+        {
+            u.binds = u.binds.saturating_sub(1);
+            if u.binds == 0 {
+                users.remove(&self.user);
+            }
+        }
+    }
+}
+
+fn take_bind_slot(shared: &Arc<Shared>, user: &str) -> Option<BindSlot> {
+    let q = shared.config.quotas;
+    let mut users = shared.users.lock().ok()?;
+    let now = Instant::now();
+    let u = users.entry(user.to_owned()).or_insert_with(|| UserUse {
+        binds: 0,
+        packets: TokenBucket::new(q.packets_per_second_per_user, now),
+        bytes: TokenBucket::new(q.bytes_per_second_per_user.div_ceil(1500), now),
+    });
+    if u.binds >= q.binds_per_user {
+        return None;
+    }
+    if shared.binds_total.fetch_add(1, Ordering::Relaxed) >= q.binds_total {
+        shared.binds_total.fetch_sub(1, Ordering::Relaxed);
+        return None;
+    }
+    u.binds += 1;
+    Some(BindSlot {
+        shared: shared.clone(),
+        user: user.to_owned(),
+    })
+}
+
+/// What a request's datagrams mean.
+#[derive(Debug)]
+enum Mode {
+    /// Bind: contexts say where each datagram goes.
+    Bind(Mutex<ProxyContexts>),
+    /// Unextended CONNECT-UDP: context 0 to and from one target (the socket is connected).
+    Fixed,
+}
+
+/// The part of a request that the connection's datagram task needs.
+#[derive(Debug)]
+struct Tunnel {
+    user: String,
+    socket: Arc<UdpSocket>,
+    mode: Mode,
+    /// Peer IPs the client has sent to: the only ones admitted back (address-dependent).
+    permitted: Mutex<HashSet<IpAddr>>,
+    /// When the request last carried a datagram, in ms since the relay started.
+    active: AtomicU64,
+}
+
+type Tunnels = Arc<Mutex<HashMap<u64, Arc<Tunnel>>>>;
+
+/// Sends at once on a UDP socket (a full buffer drops the datagram, as the network would).
+fn send_now(socket: &UdpSocket, payload: &[u8], to: Option<SocketAddr>) -> io::Result<usize> {
+    let s = socket2::SockRef::from(socket);
+    match to {
+        Some(to) => s.send_to(payload, &to.into()),
+        None => s.send(payload),
+    }
+}
+
+impl Tunnel {
+    /// A datagram from the client: check, charge, send.
+    fn forward_from_client(&self, shared: &Shared, context_id: u64, payload: &[u8]) {
+        let c = &shared.counters;
+        let (target, udp) = match &self.mode {
+            Mode::Fixed if context_id == 0 => (None, payload),
+            Mode::Fixed => return bump(&c.dropped_unknown),
+            Mode::Bind(contexts) => {
+                let found = contexts
+                    .lock()
+                    .ok()
+                    .and_then(|t| t.from_client(context_id, payload));
+                match found {
+                    Some((peer, udp)) => (Some(peer), udp),
+                    None => return bump(&c.dropped_unknown),
+                }
+            }
+        };
+        if let Some(peer) = target {
+            let Ok(mut permitted) = self.permitted.lock() else {
+                return;
+            };
+            if !permitted.contains(&peer.ip()) {
+                if let Err(refusal) = shared.egress.check(peer) {
+                    debug!(user = %self.user, target = %peer, reason = %refusal, "egress denied");
+                    return bump(&c.dropped_egress);
+                }
+                if permitted.len() >= shared.config.quotas.peers_per_bind as usize {
+                    return bump(&c.dropped_quota);
+                }
+                permitted.insert(peer.ip());
+            }
+        }
+        if !shared.charge(&self.user, udp.len()) {
+            return bump(&c.dropped_quota);
+        }
+        self.active.store(shared.millis(), Ordering::Relaxed);
+        match send_now(&self.socket, udp, target) {
+            Ok(_) => bump(&c.datagrams_out),
+            Err(_) => bump(&c.dropped_quota),
+        }
+    }
+}
+
+/// The relay: a bound QUIC endpoint, ready to [`run`](Relay::run).
+#[derive(Debug)]
+pub struct Relay {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+}
+
+/// A handle to read a running relay's counters.
+#[derive(Debug, Clone)]
+pub struct RelayHandle {
+    shared: Arc<Shared>,
+}
+
+impl RelayHandle {
+    /// The relay's counters.
+    pub fn counters(&self) -> &RelayCounters {
+        &self.shared.counters
+    }
+}
+
+/// The addresses of this host's interfaces: the relay never sends to itself.
+fn own_addresses() -> Vec<IpAddr> {
+    nix::ifaddrs::getifaddrs()
+        .map(|addrs| {
+            addrs
+                .filter_map(|a| a.address)
+                .filter_map(|s| {
+                    s.as_sockaddr_in()
+                        .map(|v4| IpAddr::V4(v4.ip()))
+                        .or_else(|| s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Relay {
+    /// Binds the QUIC endpoint with `tls` (see [`crate::pki::server_config`]).
+    pub fn bind(config: RelayConfig, tls: quinn::ServerConfig) -> Result<Self, Error> {
+        let endpoint = quinn::Endpoint::server(tls, config.listen)
+            .map_err(|e| Error::Listen(config.listen, e))?;
+        let mut own = own_addresses();
+        own.push(config.public_address);
+        if !config.listen.ip().is_unspecified() {
+            own.push(config.listen.ip());
+        }
+        let egress = Egress::new(config.allow.clone(), own);
+        let shared = Arc::new(Shared {
+            config,
+            egress,
+            users: Mutex::new(HashMap::new()),
+            binds_total: AtomicU32::new(0),
+            counters: RelayCounters::default(),
+            started: Instant::now(),
+        });
+        Ok(Self { endpoint, shared })
+    }
+
+    /// The QUIC listener's address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// A handle for counters.
+    pub fn handle(&self) -> RelayHandle {
+        RelayHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Serves until `shutdown`, then closes every connection and waits (bounded) for the close
+    /// to reach the clients.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let tasks = TaskTracker::new();
+        loop {
+            let incoming = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                i = self.endpoint.accept() => match i {
+                    Some(i) => i,
+                    None => break,
+                },
+            };
+            let shared = self.shared.clone();
+            let token = shutdown.child_token();
+            tasks.spawn(async move {
+                let remote = incoming.remote_address();
+                match incoming.await {
+                    Ok(conn) => {
+                        if let Err(e) = serve_connection(shared, conn, token).await {
+                            debug!(client = %remote, error = %e, "connection ended");
+                        }
+                    }
+                    Err(e) => info!(client = %remote, error = %e, "handshake failed"),
+                }
+            });
+        }
+        tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+        self.endpoint.close(0u32.into(), b"relay shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+async fn serve_connection(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    shutdown: CancellationToken,
+) -> Result<(), h3::error::ConnectionError> {
+    let remote = conn.remote_address();
+    info!(client = %remote, "sidecar connected");
+    let mut h3c: H3Conn = h3::server::builder()
+        .enable_extended_connect(true)
+        .enable_datagram(true)
+        .build(h3_quinn::Connection::new(conn.clone()))
+        .await?;
+    let tunnels: Tunnels = Arc::new(Mutex::new(HashMap::new()));
+    let datagrams = tokio::spawn(read_datagrams(
+        shared.clone(),
+        conn.clone(),
+        tunnels.clone(),
+    ));
+    let requests = TaskTracker::new();
+    loop {
+        let resolver = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = h3c.accept() => match r {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(client = %remote, error = %e, "connection closed");
+                    break;
+                }
+            },
+        };
+        let (shared, conn, tunnels, token) = (
+            shared.clone(),
+            conn.clone(),
+            tunnels.clone(),
+            shutdown.child_token(),
+        );
+        requests.spawn(async move {
+            match resolver.resolve_request().await {
+                Ok((req, stream)) => serve_request(shared, conn, tunnels, req, stream, token).await,
+                Err(e) => debug!(error = %e, "bad request"),
+            }
+        });
+    }
+    requests.close();
+    let _ = tokio::time::timeout(Duration::from_secs(1), requests.wait()).await;
+    datagrams.abort();
+    info!(client = %remote, "sidecar disconnected");
+    Ok(())
+}
+
+async fn read_datagrams(shared: Arc<Shared>, conn: quinn::Connection, tunnels: Tunnels) {
+    while let Ok(datagram) = conn.read_datagram().await {
+        let Ok(d) = wire::decode_http_datagram(&datagram) else {
+            bump(&shared.counters.dropped_unknown);
+            continue;
+        };
+        let tunnel = tunnels
+            .lock()
+            .ok()
+            .and_then(|t| t.get(&d.quarter_stream_id).cloned());
+        match tunnel {
+            Some(t) => t.forward_from_client(&shared, d.context_id, d.payload),
+            None => bump(&shared.counters.dropped_unknown),
+        }
+    }
+}
+
+/// A refusal: status, `Proxy-Status` error and details.
+struct Refuse(StatusCode, &'static str, String);
+
+async fn refuse(shared: &Shared, stream: &mut H3Stream, Refuse(status, error, details): Refuse) {
+    bump(&shared.counters.requests_refused);
+    let details = details.replace(['"', '\\'], "'");
+    info!(status = %status, error, details, "request refused");
+    let resp = Response::builder()
+        .status(status)
+        .header(
+            "proxy-status",
+            format!("veil; error={error}; details=\"{details}\""),
+        )
+        .body(());
+    if let Ok(resp) = resp {
+        let _ = stream.send_response(resp).await;
+    }
+    let _ = stream.finish().await;
+}
+
+fn header<'a>(req: &'a http::Request<()>, name: &str) -> Option<&'a [u8]> {
+    req.headers().get(name).map(|v| v.as_bytes())
+}
+
+async fn resolve(host: &str, port: u16) -> Result<SocketAddr, Refuse> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    tokio::net::lookup_host((host, port))
+        .await
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| {
+            Refuse(
+                StatusCode::BAD_GATEWAY,
+                "dns_error",
+                format!("cannot resolve {host}"),
+            )
+        })
+}
+
+fn prohibited(r: Refusal) -> Refuse {
+    Refuse(StatusCode::FORBIDDEN, r.proxy_status(), r.to_string())
+}
+
+/// Checks a request and says what it is for: the user, and the UDP target or TCP target.
+async fn admit(shared: &Shared, req: &http::Request<()>) -> Result<(String, Admitted), Refuse> {
+    let bad = |d: &str| Refuse(StatusCode::BAD_REQUEST, "http_request_error", d.to_owned());
+    let user = header(req, HEADER_USER)
+        .and_then(|u| std::str::from_utf8(u).ok())
+        .filter(|u| !u.is_empty() && u.len() <= 255)
+        .ok_or_else(|| bad("missing veil-user header"))?
+        .to_owned();
+    if req.method() != Method::CONNECT {
+        return Err(Refuse(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "http_request_error",
+            "only CONNECT".into(),
+        ));
+    }
+    let protocol = req.extensions().get::<h3::ext::Protocol>();
+    match protocol {
+        None => {
+            // Classic CONNECT: a TCP tunnel to the authority.
+            let authority = req
+                .uri()
+                .authority()
+                .ok_or_else(|| bad("CONNECT without authority"))?;
+            let port = authority
+                .port_u16()
+                .ok_or_else(|| bad("CONNECT authority without port"))?;
+            let target = resolve(authority.host(), port).await?;
+            shared.egress.check(target).map_err(prohibited)?;
+            Ok((user, Admitted::Tcp(target)))
+        }
+        Some(p) if *p == h3::ext::Protocol::CONNECT_UDP => {
+            match mreq::parse_path(req.uri().path()).map_err(|e| bad(&e.to_string()))? {
+                UdpTarget::Bind => {
+                    if !header(req, HEADER_BIND).is_some_and(mreq::is_sf_true) {
+                        return Err(bad("target * needs connect-udp-bind: ?1"));
+                    }
+                    Ok((user, Admitted::Bind))
+                }
+                UdpTarget::Host { host, port } => {
+                    let target = resolve(&host, port).await?;
+                    shared.egress.check(target).map_err(prohibited)?;
+                    Ok((user, Admitted::Fixed(target)))
+                }
+            }
+        }
+        Some(_) => Err(Refuse(
+            StatusCode::NOT_IMPLEMENTED,
+            "http_request_error",
+            "unsupported :protocol".into(),
+        )),
+    }
+}
+
+enum Admitted {
+    Bind,
+    Fixed(SocketAddr),
+    Tcp(SocketAddr),
+}
+
+async fn serve_request(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    tunnels: Tunnels,
+    req: http::Request<()>,
+    mut stream: H3Stream,
+    shutdown: CancellationToken,
+) {
+    let (user, admitted) = match admit(&shared, &req).await {
+        Ok(a) => a,
+        Err(r) => return refuse(&shared, &mut stream, r).await,
+    };
+    let Some(_slot) = take_bind_slot(&shared, &user) else {
+        let r = Refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "connection_limit_reached",
+            format!("quota for user {user}"),
+        );
+        return refuse(&shared, &mut stream, r).await;
+    };
+    match admitted {
+        Admitted::Tcp(target) => serve_tcp(&shared, &user, target, stream, shutdown).await,
+        Admitted::Bind => serve_udp(&shared, conn, tunnels, user, None, stream, shutdown).await,
+        Admitted::Fixed(t) => {
+            serve_udp(&shared, conn, tunnels, user, Some(t), stream, shutdown).await
+        }
+    }
+}
+
+async fn serve_tcp(
+    shared: &Shared,
+    user: &str,
+    target: SocketAddr,
+    mut stream: H3Stream,
+    shutdown: CancellationToken,
+) {
+    let tcp = match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(target)).await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let r = Refuse(StatusCode::BAD_GATEWAY, "connection_refused", e.to_string());
+            return refuse(shared, &mut stream, r).await;
+        }
+        Err(_) => {
+            let r = Refuse(
+                StatusCode::GATEWAY_TIMEOUT,
+                "connection_timeout",
+                target.to_string(),
+            );
+            return refuse(shared, &mut stream, r).await;
+        }
+    };
+    let Ok(resp) = Response::builder().status(StatusCode::OK).body(()) else {
+        return;
+    };
+    if stream.send_response(resp).await.is_err() {
+        return;
+    }
+    bump(&shared.counters.requests_accepted);
+    info!(user, target = %target, "tcp tunnel open");
+    let (mut tcp_read, mut tcp_write) = tcp.into_split();
+    let (mut send, mut recv) = stream.split();
+    let up = async {
+        while let Ok(Some(mut data)) = recv.recv_data().await {
+            while data.has_remaining() {
+                let chunk = data.chunk();
+                if tcp_write.write_all(chunk).await.is_err() {
+                    return;
+                }
+                let n = chunk.len();
+                data.advance(n);
+            }
+        }
+        let _ = tcp_write.shutdown().await;
+    };
+    let down = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match tcp_read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let chunk = Bytes::copy_from_slice(buf.get(..n).unwrap_or_default());
+                    if send.send_data(chunk).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = send.finish().await;
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = async { tokio::join!(up, down) } => {}
+    }
+    info!(user, target = %target, "tcp tunnel closed");
+}
+
+/// Room for the HTTP Datagram prefix and an uncompressed address before a payload.
+const HEADROOM: usize = 8 + 8 + 19;
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_udp(
+    shared: &Arc<Shared>,
+    conn: quinn::Connection,
+    tunnels: Tunnels,
+    user: String,
+    fixed: Option<SocketAddr>,
+    mut stream: H3Stream,
+    shutdown: CancellationToken,
+) {
+    let public = SocketAddr::new(shared.config.public_address, 0);
+    let socket = match UdpSocket::bind(public).await {
+        Ok(s) => s,
+        Err(e) => {
+            let r = Refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "proxy_internal_error",
+                e.to_string(),
+            );
+            return refuse(shared, &mut stream, r).await;
+        }
+    };
+    if let Some(target) = fixed
+        && let Err(e) = socket.connect(target).await
+    {
+        let r = Refuse(
+            StatusCode::BAD_GATEWAY,
+            "destination_unavailable",
+            e.to_string(),
+        );
+        return refuse(shared, &mut stream, r).await;
+    }
+    let Ok(bound) = socket.local_addr() else {
+        return;
+    };
+    let mut resp = Response::builder()
+        .status(StatusCode::OK)
+        .header(HEADER_CAPSULE_PROTOCOL, "?1");
+    if fixed.is_none() {
+        resp = resp.header(HEADER_BIND, "?1").header(
+            HEADER_PUBLIC_ADDRESS,
+            mreq::format_public_addresses(&[bound]),
+        );
+    }
+    let Ok(resp) = resp.body(()) else { return };
+    let quarter = stream.id().into_inner() / 4;
+    let mode = match fixed {
+        Some(_) => Mode::Fixed,
+        None => Mode::Bind(Mutex::new(ProxyContexts::new(
+            shared.config.quotas.contexts_per_bind as usize,
+        ))),
+    };
+    let tunnel = Arc::new(Tunnel {
+        user: user.clone(),
+        socket: Arc::new(socket),
+        mode,
+        permitted: Mutex::new(HashSet::new()),
+        active: AtomicU64::new(shared.millis()),
+    });
+    if let Ok(mut t) = tunnels.lock() {
+        t.insert(quarter, tunnel.clone());
+    }
+    if stream.send_response(resp).await.is_err() {
+        tunnels.lock().map(|mut t| t.remove(&quarter)).ok();
+        return;
+    }
+    bump(&shared.counters.requests_accepted);
+    info!(user = %user, public = %bound, target = ?fixed, "udp tunnel open");
+
+    let mut capsules = Vec::new();
+    let mut buf = vec![0u8; HEADROOM + 65_536];
+    let idle = shared.config.quotas.idle_timeout;
+    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    let reason = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break "shutdown",
+            data = stream.recv_data() => match data {
+                Ok(Some(mut data)) => {
+                    while data.has_remaining() {
+                        let chunk = data.chunk();
+                        capsules.extend_from_slice(chunk);
+                        let n = chunk.len();
+                        data.advance(n);
+                    }
+                    match handle_capsules(shared, &tunnel, &mut capsules) {
+                        Ok(replies) if replies.is_empty() => {}
+                        Ok(replies) => {
+                            if stream.send_data(Bytes::from(replies)).await.is_err() {
+                                break "stream closed";
+                            }
+                        }
+                        Err(e) => {
+                            warn!(user = %user, error = %e, "capsule protocol error");
+                            stream.stop_stream(h3::error::Code::H3_DATAGRAM_ERROR);
+                            break "capsule error";
+                        }
+                    }
+                }
+                Ok(None) => break "request stream finished",
+                Err(_) => break "request stream reset",
+            },
+            r = tunnel.socket.readable() => {
+                if r.is_err() {
+                    break "socket error";
+                }
+                if to_client(shared, &conn, &tunnel, quarter, &mut buf).is_err() {
+                    break "connection lost";
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                let quiet = shared.millis().saturating_sub(tunnel.active.load(Ordering::Relaxed));
+                if quiet >= idle_ms {
+                    break "idle";
+                }
+            }
+        }
+    };
+    tunnels.lock().map(|mut t| t.remove(&quarter)).ok();
+    let _ = stream.finish().await;
+    info!(user = %user, public = %bound, reason, "udp tunnel closed");
+}
+
+fn handle_capsules(shared: &Shared, tunnel: &Tunnel, buf: &mut Vec<u8>) -> Result<Vec<u8>, String> {
+    let mut replies = Vec::new();
+    let mut used = 0;
+    while let Some((capsule, n)) =
+        wire::decode_capsule(buf.get(used..).unwrap_or_default()).map_err(|e| e.to_string())?
+    {
+        used += n;
+        if let Mode::Bind(contexts) = &tunnel.mode {
+            let mut table = contexts.lock().map_err(|_| "lock poisoned".to_owned())?;
+            let reply = table
+                .on_capsule(&capsule, |peer| shared.egress.check(peer).is_ok())
+                .map_err(|e| e.to_string())?;
+            if let Some(reply) = reply {
+                reply.encode(&mut replies);
+            }
+        }
+    }
+    buf.drain(..used);
+    Ok(replies)
+}
+
+/// Drains the bind's socket into datagrams to the client. Err if the connection is gone.
+fn to_client(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    tunnel: &Tunnel,
+    quarter: u64,
+    buf: &mut [u8],
+) -> Result<(), ()> {
+    let c = &shared.counters;
+    for _ in 0..64 {
+        let Some(space) = buf.get_mut(HEADROOM..) else {
+            return Ok(());
+        };
+        let (n, from) = match tunnel.socket.try_recv_from(space) {
+            Ok(r) => r,
+            Err(_) => return Ok(()),
+        };
+        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+        let (context, compressed) = match &tunnel.mode {
+            Mode::Fixed => (0, true),
+            Mode::Bind(contexts) => {
+                if shared.config.inbound_filter == InboundFilter::AddressDependent
+                    && !tunnel
+                        .permitted
+                        .lock()
+                        .is_ok_and(|p| p.contains(&from.ip()))
+                {
+                    bump(&c.dropped_inbound_filter);
+                    continue;
+                }
+                match contexts.lock().ok().and_then(|t| t.to_client(from)) {
+                    Some(found) => found,
+                    None => {
+                        bump(&c.dropped_unknown);
+                        continue;
+                    }
+                }
+            }
+        };
+        if !shared.charge(&tunnel.user, n) {
+            bump(&c.dropped_quota);
+            continue;
+        }
+        tunnel.active.store(shared.millis(), Ordering::Relaxed);
+        let mut datagram = Vec::with_capacity(HEADROOM + n);
+        wire::write_http_datagram_prefix(&mut datagram, quarter, context);
+        if !compressed {
+            wire::write_uncompressed_address(&mut datagram, from);
+        }
+        datagram.extend_from_slice(buf.get(HEADROOM..HEADROOM + n).unwrap_or_default());
+        match conn.send_datagram(Bytes::from(datagram)) {
+            Ok(()) => bump(&c.datagrams_in),
+            Err(quinn::SendDatagramError::TooLarge) => bump(&c.dropped_too_large),
+            Err(quinn::SendDatagramError::ConnectionLost(_)) => return Err(()),
+            Err(_) => bump(&c.dropped_unknown),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! The sidecar's configuration file (`/etc/veil/sidecar.toml`), parsed and validated in one step.
+//!
+//! ```toml
+//! listen = "127.0.0.1:1080"            # SOCKS5 listener
+//! policy_dir = "/etc/veil/policies"
+//! # passwords = "/etc/veil/socks-passwords"   # RFC 1929 logins (required beyond loopback)
+//!
+//! [relay]                              # without it, `relay` verdicts are dropped
+//! address = "198.51.100.2:4433"
+//! server_name = "relay.example.org"    # checked against the relay's certificate
+//! ca = "ca.crt"                        # CA of the relay's certificate
+//! certificate = "sidecar.crt"          # this sidecar's client certificate
+//! private_key = "sidecar.key"
+//! ```
+//! Relative paths are taken from the file's directory.
+
+use crate::policy::load::line_column;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// The relay a sidecar tunnels to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelaySettings {
+    /// The relay's QUIC address.
+    pub address: SocketAddr,
+    /// The name its certificate must carry.
+    pub server_name: String,
+    /// CA certificate(s) of the relay (PEM).
+    pub ca: PathBuf,
+    /// The sidecar's client certificate (PEM).
+    pub certificate: PathBuf,
+    /// The sidecar's private key (PEM).
+    pub private_key: PathBuf,
+}
+
+/// A validated sidecar configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SidecarConfig {
+    /// The SOCKS5 listener.
+    pub listen: SocketAddr,
+    /// The policy directory.
+    pub policy_dir: PathBuf,
+    /// RFC 1929 password file.
+    pub passwords: Option<PathBuf>,
+    /// The relay, if any.
+    pub relay: Option<RelaySettings>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    listen: Option<Spanned<String>>,
+    policy_dir: Option<String>,
+    passwords: Option<String>,
+    relay: Option<RawRelay>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRelay {
+    address: Spanned<String>,
+    server_name: Option<String>,
+    ca: String,
+    certificate: String,
+    private_key: String,
+}
+
+impl SidecarConfig {
+    /// Parses configuration text; `path` names the file in errors and anchors relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, String> {
+        let shown = path.display();
+        let at = |span: std::ops::Range<usize>, field: &str, msg: &str| {
+            let (line, column) = line_column(text, span.start);
+            format!("{shown}:{line}:{column}: {field}: {msg}")
+        };
+        let raw: Raw = toml::from_str(text)
+            .map_err(|e| at(e.span().unwrap_or(0..0), "(file)", e.message().trim()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let listen = match raw.listen {
+            Some(l) => l.get_ref().parse().map_err(|_| {
+                at(
+                    l.span(),
+                    "listen",
+                    &format!("expected IP:PORT, found {:?}", l.get_ref()),
+                )
+            })?,
+            None => SocketAddr::from(([127, 0, 0, 1], 1080)),
+        };
+        let relay = match raw.relay {
+            Some(r) => {
+                let address: SocketAddr = r.address.get_ref().parse().map_err(|_| {
+                    at(
+                        r.address.span(),
+                        "relay.address",
+                        &format!("expected IP:PORT, found {:?}", r.address.get_ref()),
+                    )
+                })?;
+                Some(RelaySettings {
+                    address,
+                    server_name: r.server_name.unwrap_or_else(|| address.ip().to_string()),
+                    ca: base.join(r.ca),
+                    certificate: base.join(r.certificate),
+                    private_key: base.join(r.private_key),
+                })
+            }
+            None => None,
+        };
+        Ok(Self {
+            listen,
+            policy_dir: base.join(
+                raw.policy_dir
+                    .unwrap_or_else(|| "/etc/veil/policies".to_owned()),
+            ),
+            passwords: raw.passwords.map(|p| base.join(p)),
+            relay,
+        })
+    }
+
+    /// Reads and parses a configuration file.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::parse(path, &text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_with_defaults_and_relative_paths() {
+        let text = "policy_dir = \"policies\"\n[relay]\naddress = \"198.51.100.2:4433\"\nca = \"ca.crt\"\ncertificate = \"s.crt\"\nprivate_key = \"s.key\"\n";
+        let c = SidecarConfig::parse(Path::new("/etc/veil/sidecar.toml"), text).expect("valid");
+        assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 1080)));
+        assert_eq!(c.policy_dir, Path::new("/etc/veil/policies"));
+        let relay = c.relay.expect("relay");
+        assert_eq!(relay.server_name, "198.51.100.2");
+        assert_eq!(relay.ca, Path::new("/etc/veil/ca.crt"));
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let e = SidecarConfig::parse(Path::new("s.toml"), "[relay]\naddress = \"nowhere\"\nca = \"a\"\ncertificate = \"b\"\nprivate_key = \"c\"\n").expect_err("bad");
+        assert_eq!(
+            e,
+            "s.toml:2:11: relay.address: expected IP:PORT, found \"nowhere\""
+        );
+        let e = SidecarConfig::parse(Path::new("s.toml"), "lisen = \"x\"\n").expect_err("bad");
+        assert!(
+            e.starts_with("s.toml:1:1: (file): unknown field `lisen`"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,556 @@
+//! The sidecar's tunnel to the relay: one QUIC connection shared by every user, kept up with
+//! keep-alives and reconnected with backoff and jitter; CONNECT-UDP bind requests for UDP
+//! associations and classic CONNECT requests for TCP.
+//!
+//! **Fails closed.** While the connection is down there is no [`Bind`] to send on: callers drop
+//! `relay`-verdict packets and count them; nothing here ever sends a packet any other way.
+
+use crate::masque::request::{
+    self as mreq, BIND_PATH, ClientContexts, HEADER_BIND, HEADER_CAPSULE_PROTOCOL, HEADER_USER,
+};
+use crate::masque::wire;
+use arc_swap::ArcSwapOption;
+use bytes::{Buf, Bytes};
+use http::{Method, StatusCode};
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
+type ClientStream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+
+/// Where the relay is and how to authenticate to it.
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    /// The relay's QUIC address.
+    pub relay: SocketAddr,
+    /// The name the relay's certificate is checked against.
+    pub server_name: String,
+    /// TLS settings with the sidecar's client certificate (see [`crate::pki::client_config`]).
+    pub client: quinn::ClientConfig,
+}
+
+/// The tunnel's connection state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelState {
+    /// Not yet connected since start.
+    Connecting,
+    /// Connected: binds can be opened.
+    Connected,
+    /// Lost or never reached; retrying with backoff.
+    Unreachable,
+}
+
+impl TunnelState {
+    /// A stable name for logs and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connecting => "connecting",
+            Self::Connected => "connected",
+            Self::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// Why a request through the tunnel failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    /// The tunnel is not connected.
+    #[error("the relay is not connected")]
+    NotConnected,
+    /// The relay refused: status and `Proxy-Status` value.
+    #[error("the relay refused with {status}: {proxy_status}")]
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The `Proxy-Status` header, if any.
+        proxy_status: String,
+    },
+    /// The request failed on the way (stream or connection error, timeout).
+    #[error("request failed: {0}")]
+    Failed(String),
+}
+
+/// Why a datagram could not be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// Too large for a QUIC DATAGRAM frame on the path right now: dropped.
+    TooLarge,
+    /// The bind or the connection is gone.
+    Closed,
+}
+
+type Inbound = mpsc::Sender<Bytes>;
+
+/// A live connection to the relay.
+struct Live {
+    conn: quinn::Connection,
+    requests: SendRequest,
+    /// Inbound datagram channels by quarter stream ID.
+    binds: Arc<Mutex<HashMap<u64, Inbound>>>,
+}
+
+/// Counters of the tunnel.
+#[derive(Debug, Default)]
+pub struct TunnelCounters {
+    /// Connections established.
+    pub connects: AtomicU64,
+    /// Datagrams from the relay for no known bind, or whose bind's queue was full.
+    pub dropped_inbound: AtomicU64,
+}
+
+/// The shared tunnel to the relay.
+#[derive(Clone)]
+pub struct Tunnel {
+    config: Arc<TunnelConfig>,
+    live: Arc<ArcSwapOption<Live>>,
+    state: watch::Receiver<TunnelState>,
+    counters: Arc<TunnelCounters>,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("relay", &self.config.relay)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+impl Tunnel {
+    /// Starts the connection manager; the tunnel connects in the background.
+    pub fn start(config: TunnelConfig, shutdown: CancellationToken) -> std::io::Result<Self> {
+        let local: SocketAddr = if config.relay.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let mut endpoint = quinn::Endpoint::client(local)?;
+        endpoint.set_default_client_config(config.client.clone());
+        let (tx, rx) = watch::channel(TunnelState::Connecting);
+        let tunnel = Self {
+            config: Arc::new(config),
+            live: Arc::new(ArcSwapOption::empty()),
+            state: rx,
+            counters: Arc::new(TunnelCounters::default()),
+        };
+        tokio::spawn(tunnel.clone().manage(endpoint, tx, shutdown));
+        Ok(tunnel)
+    }
+
+    /// The current state.
+    pub fn state(&self) -> TunnelState {
+        *self.state.borrow()
+    }
+
+    /// Waits until the state is `want` or `timeout` passes; true if reached.
+    pub async fn wait_for(&self, want: TunnelState, timeout: Duration) -> bool {
+        let mut rx = self.state.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|s| *s == want))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// The tunnel's counters.
+    pub fn counters(&self) -> &TunnelCounters {
+        &self.counters
+    }
+
+    async fn manage(
+        self,
+        endpoint: quinn::Endpoint,
+        state: watch::Sender<TunnelState>,
+        shutdown: CancellationToken,
+    ) {
+        let mut failures: u32 = 0;
+        loop {
+            let attempt = async {
+                let connecting = endpoint
+                    .connect(self.config.relay, &self.config.server_name)
+                    .map_err(|e| e.to_string())?;
+                let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
+                    .await
+                    .map_err(|_| "handshake timed out".to_owned())?
+                    .map_err(|e| e.to_string())?;
+                let (mut driver, requests) = h3::client::builder()
+                    .enable_extended_connect(true)
+                    .enable_datagram(true)
+                    .build::<_, _, Bytes>(h3_quinn::Connection::new(conn.clone()))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(async move {
+                    let _ = driver.wait_idle().await;
+                });
+                Ok::<_, String>(Live {
+                    conn,
+                    requests,
+                    binds: Arc::new(Mutex::new(HashMap::new())),
+                })
+            };
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = attempt => r,
+            };
+            match result {
+                Ok(live) => {
+                    failures = 0;
+                    self.counters.connects.fetch_add(1, Ordering::Relaxed);
+                    let conn = live.conn.clone();
+                    let binds = live.binds.clone();
+                    self.live.store(Some(Arc::new(live)));
+                    state.send_replace(TunnelState::Connected);
+                    info!(relay = %self.config.relay, "tunnel connected");
+                    let reader =
+                        tokio::spawn(read_datagrams(conn.clone(), binds, self.counters.clone()));
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {
+                            conn.close(0u32.into(), b"sidecar shutting down");
+                            reader.abort();
+                            break;
+                        }
+                        e = conn.closed() => warn!(relay = %self.config.relay, error = %e, "tunnel lost; relayed traffic is dropped until it is back"),
+                    }
+                    reader.abort();
+                    self.live.store(None);
+                    state.send_replace(TunnelState::Unreachable);
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    if failures <= 3 || failures % 20 == 0 {
+                        warn!(relay = %self.config.relay, error = %e, failures, "cannot reach the relay; relayed traffic is dropped");
+                    }
+                    state.send_replace(TunnelState::Unreachable);
+                }
+            }
+            // Exponential backoff from 100 ms to 5 s, with ±50% jitter so that many sidecars
+            // do not come back in step after a relay restart.
+            let base = 100u64.saturating_mul(1 << failures.min(6)).min(5_000);
+            let jitter = fastrand::u64(base / 2..=base + base / 2);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_millis(jitter)) => {}
+            }
+        }
+        self.live.store(None);
+        state.send_replace(TunnelState::Unreachable);
+    }
+
+    fn live(&self) -> Result<Arc<Live>, OpenError> {
+        self.live.load_full().ok_or(OpenError::NotConnected)
+    }
+
+    /// Opens a CONNECT-UDP bind request for `user`: one public address on the relay for every
+    /// peer of one app socket.
+    pub async fn open_bind(&self, user: &str) -> Result<Bind, OpenError> {
+        let live = self.live()?;
+        let req = http::Request::builder()
+            .method(Method::CONNECT)
+            .uri(format!("https://{}{BIND_PATH}", self.config.server_name))
+            .header(HEADER_BIND, "?1")
+            .header(HEADER_CAPSULE_PROTOCOL, "?1")
+            .header(HEADER_USER, user)
+            .extension(h3::ext::Protocol::CONNECT_UDP)
+            .body(())
+            .map_err(|e| OpenError::Failed(e.to_string()))?;
+        let failed = |e: &dyn std::fmt::Display| OpenError::Failed(e.to_string());
+        let mut requests = live.requests.clone();
+        let mut stream = requests.send_request(req).await.map_err(|e| failed(&e))?;
+        // Register the uncompressed context at once, before the response (listen-13 §4).
+        let (contexts, assign) = ClientContexts::new(64, 8);
+        let mut hello = Vec::new();
+        assign.encode(&mut hello);
+        stream
+            .send_data(Bytes::from(hello))
+            .await
+            .map_err(|e| failed(&e))?;
+        let resp = response(&mut stream).await?;
+        if !resp
+            .headers()
+            .get(HEADER_BIND)
+            .is_some_and(|v| mreq::is_sf_true(v.as_bytes()))
+        {
+            return Err(OpenError::Failed(
+                "relay did not grant connect-udp-bind".into(),
+            ));
+        }
+        let public = resp
+            .headers()
+            .get(mreq::HEADER_PUBLIC_ADDRESS)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| mreq::parse_public_addresses(v).into_iter().next())
+            .ok_or_else(|| OpenError::Failed("relay sent no proxy-public-address".into()))?;
+        let quarter = stream.id().into_inner() / 4;
+        let (tx, rx) = mpsc::channel(1024);
+        if let Ok(mut binds) = live.binds.lock() {
+            binds.insert(quarter, tx);
+        }
+        let contexts = Arc::new(Mutex::new(contexts));
+        let (capsules_tx, capsules_rx) = mpsc::unbounded_channel();
+        let closed = CancellationToken::new();
+        tokio::spawn(drive_bind_stream(
+            stream,
+            contexts.clone(),
+            capsules_rx,
+            closed.clone(),
+            live.binds.clone(),
+            quarter,
+        ));
+        debug!(user, public = %public, "bind open");
+        Ok(Bind {
+            conn: live.conn.clone(),
+            quarter,
+            contexts,
+            public,
+            inbound: rx,
+            capsules: capsules_tx,
+            closed,
+        })
+    }
+
+    /// Opens a classic CONNECT (TCP) request to `target` for `user`.
+    pub async fn open_tcp(&self, user: &str, target: SocketAddr) -> Result<TcpTunnel, OpenError> {
+        let live = self.live()?;
+        let req = http::Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .header(HEADER_USER, user)
+            .body(())
+            .map_err(|e| OpenError::Failed(e.to_string()))?;
+        let mut requests = live.requests.clone();
+        let mut stream = requests
+            .send_request(req)
+            .await
+            .map_err(|e| OpenError::Failed(e.to_string()))?;
+        response(&mut stream).await?;
+        Ok(TcpTunnel { stream })
+    }
+}
+
+async fn response(stream: &mut ClientStream) -> Result<http::Response<()>, OpenError> {
+    let resp = tokio::time::timeout(Duration::from_secs(10), stream.recv_response())
+        .await
+        .map_err(|_| OpenError::Failed("no response from the relay".into()))?
+        .map_err(|e| OpenError::Failed(e.to_string()))?;
+    if resp.status().is_success() {
+        return Ok(resp);
+    }
+    Err(OpenError::Refused {
+        status: resp.status().as_u16(),
+        proxy_status: resp
+            .headers()
+            .get("proxy-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned(),
+    })
+}
+
+/// Whether a refusal means the relay's policy forbids the target.
+pub fn is_prohibited(e: &OpenError) -> bool {
+    matches!(e, OpenError::Refused { status, .. } if *status == StatusCode::FORBIDDEN.as_u16())
+}
+
+async fn read_datagrams(
+    conn: quinn::Connection,
+    binds: Arc<Mutex<HashMap<u64, Inbound>>>,
+    counters: Arc<TunnelCounters>,
+) {
+    while let Ok(datagram) = conn.read_datagram().await {
+        let quarter = wire::read_varint(&datagram).map(|(q, _)| q);
+        let tx = quarter
+            .ok()
+            .and_then(|q| binds.lock().ok().and_then(|b| b.get(&q).cloned()));
+        let delivered = tx.is_some_and(|tx| tx.try_send(datagram).is_ok());
+        if !delivered {
+            counters.dropped_inbound.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn drive_bind_stream(
+    mut stream: ClientStream,
+    contexts: Arc<Mutex<ClientContexts>>,
+    mut outgoing: mpsc::UnboundedReceiver<Vec<u8>>,
+    closed: CancellationToken,
+    binds: Arc<Mutex<HashMap<u64, Inbound>>>,
+    quarter: u64,
+) {
+    let mut buf = Vec::new();
+    loop {
+        tokio::select! {
+            _ = closed.cancelled() => break,
+            out = outgoing.recv() => match out {
+                Some(bytes) => {
+                    if stream.send_data(Bytes::from(bytes)).await.is_err() {
+                        break;
+                    }
+                }
+                None => break,
+            },
+            data = stream.recv_data() => match data {
+                Ok(Some(mut data)) => {
+                    while data.has_remaining() {
+                        let chunk = data.chunk();
+                        buf.extend_from_slice(chunk);
+                        let n = chunk.len();
+                        data.advance(n);
+                    }
+                    let mut replies = Vec::new();
+                    let mut used = 0;
+                    let mut broken = false;
+                    while let Ok(Some((capsule, n))) = wire::decode_capsule(buf.get(used..).unwrap_or_default()) {
+                        used += n;
+                        let reply = contexts.lock().map_err(|_| ()).and_then(|mut c| c.on_capsule(&capsule).map_err(|_| ()));
+                        match reply {
+                            Ok(Some(r)) => r.encode(&mut replies),
+                            Ok(None) => {}
+                            Err(()) => broken = true,
+                        }
+                    }
+                    buf.drain(..used);
+                    if broken || wire::decode_capsule(&buf).is_err() {
+                        warn!("relay broke the capsule protocol; closing the bind");
+                        break;
+                    }
+                    if !replies.is_empty() && stream.send_data(Bytes::from(replies)).await.is_err() {
+                        break;
+                    }
+                }
+                _ => break,
+            },
+        }
+    }
+    if let Ok(mut b) = binds.lock() {
+        b.remove(&quarter);
+    }
+    closed.cancel();
+    let _ = stream.finish().await;
+}
+
+/// One CONNECT-UDP bind: a public address on the relay, shared by every peer of one app socket.
+/// Dropping it closes the request (and the relay's socket with it).
+#[derive(Debug)]
+pub struct Bind {
+    conn: quinn::Connection,
+    quarter: u64,
+    contexts: Arc<Mutex<ClientContexts>>,
+    public: SocketAddr,
+    inbound: mpsc::Receiver<Bytes>,
+    capsules: mpsc::UnboundedSender<Vec<u8>>,
+    closed: CancellationToken,
+}
+
+impl Bind {
+    /// The address peers see: the same for every peer, for the life of the bind.
+    pub fn public_address(&self) -> SocketAddr {
+        self.public
+    }
+
+    /// Sends `payload` to `peer` through the relay.
+    pub fn send(&mut self, peer: SocketAddr, payload: &[u8]) -> Result<(), SendError> {
+        if self.closed.is_cancelled() {
+            return Err(SendError::Closed);
+        }
+        let out = self
+            .contexts
+            .lock()
+            .ok()
+            .and_then(|mut c| c.outbound(peer))
+            .ok_or(SendError::Closed)?;
+        if let Some(assign) = out.assign {
+            let mut bytes = Vec::new();
+            assign.encode(&mut bytes);
+            let _ = self.capsules.send(bytes);
+        }
+        let mut d = Vec::with_capacity(16 + wire::uncompressed_address_len(peer) + payload.len());
+        wire::write_http_datagram_prefix(&mut d, self.quarter, out.context_id);
+        if !out.compressed {
+            wire::write_uncompressed_address(&mut d, peer);
+        }
+        d.extend_from_slice(payload);
+        match self.conn.send_datagram(Bytes::from(d)) {
+            Ok(()) => Ok(()),
+            Err(quinn::SendDatagramError::TooLarge) => Err(SendError::TooLarge),
+            Err(_) => Err(SendError::Closed),
+        }
+    }
+
+    /// The next datagram from a peer: its address and UDP payload. `None` once the bind is
+    /// closed (relay closed it, or the connection was lost).
+    pub async fn recv(&mut self) -> Option<(SocketAddr, Bytes)> {
+        loop {
+            let datagram = tokio::select! {
+                d = self.inbound.recv() => d?,
+                _ = self.closed.cancelled() => return None,
+            };
+            let Ok(d) = wire::decode_http_datagram(&datagram) else {
+                continue;
+            };
+            let offset = datagram.len() - d.payload.len();
+            let found = self.contexts.lock().ok().and_then(|c| {
+                c.inbound(d.context_id, d.payload)
+                    .map(|(peer, p)| (peer, d.payload.len() - p.len()))
+            });
+            if let Some((peer, header)) = found {
+                return Some((peer, datagram.slice(offset + header..)));
+            }
+        }
+    }
+}
+
+impl Drop for Bind {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
+}
+
+/// A classic CONNECT tunnel through the relay.
+pub struct TcpTunnel {
+    stream: ClientStream,
+}
+
+impl TcpTunnel {
+    /// Pumps bytes between `tcp` and the tunnel until either side ends or `shutdown`.
+    pub async fn pump(self, tcp: tokio::net::TcpStream, shutdown: CancellationToken) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut tcp_read, mut tcp_write) = tcp.into_split();
+        let (mut send, mut recv) = self.stream.split();
+        let up = async {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match tcp_read.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let chunk = Bytes::copy_from_slice(buf.get(..n).unwrap_or_default());
+                        if send.send_data(chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = send.finish().await;
+        };
+        let down = async {
+            while let Ok(Some(mut data)) = recv.recv_data().await {
+                while data.has_remaining() {
+                    let chunk = data.chunk();
+                    if tcp_write.write_all(chunk).await.is_err() {
+                        return;
+                    }
+                    let n = chunk.len();
+                    data.advance(n);
+                }
+            }
+            let _ = tcp_write.shutdown().await;
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = async { tokio::join!(up, down) } => {}
+        }
+    }
+}
