@@ -322,8 +322,9 @@ async fn relay(path: &Path) -> anyhow::Result<()> {
         &shown(&config.private_key),
     )?;
     let ca = pki::certificates(&pki::read(&config.client_ca)?, &shown(&config.client_ca))?;
+    let endpoint_config = pki::relay_endpoint_config(key.secret_der());
     let tls = pki::server_config(certs, key, &ca)?;
-    let relay = Relay::bind(config, tls)?;
+    let relay = Relay::bind(config, tls, endpoint_config)?;
     info!(listen = %relay.local_addr()?, "veil relay ready");
     let handle = relay.handle();
     let shutdown = CancellationToken::new();
@@ -357,9 +358,11 @@ async fn up(listen: SocketAddr, allow: Vec<ipnet::IpNet>) -> anyhow::Result<()> 
         &["veil-up".to_owned()],
     )?;
     let ca = pki::certificates(&set.ca_cert_pem, "generated CA")?;
+    let relay_key = pki::private_key(&set.relay.key_pem, "generated relay key")?;
+    let endpoint_config = pki::relay_endpoint_config(relay_key.secret_der());
     let tls = pki::server_config(
         pki::certificates(&set.relay.cert_pem, "generated relay certificate")?,
-        pki::private_key(&set.relay.key_pem, "generated relay key")?,
+        relay_key,
         &ca,
     )?;
     let relay_config = RelayConfig {
@@ -372,7 +375,7 @@ async fn up(listen: SocketAddr, allow: Vec<ipnet::IpNet>) -> anyhow::Result<()> 
         inbound_filter: InboundFilter::AddressDependent,
         quotas: Quotas::default(),
     };
-    let relay = Relay::bind(relay_config, tls)?;
+    let relay = Relay::bind(relay_config, tls, endpoint_config)?;
     let relay_addr = relay.local_addr()?;
     let shutdown = CancellationToken::new();
     tokio::spawn(relay.run(shutdown.clone()));

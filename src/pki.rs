@@ -153,6 +153,33 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The relay's QUIC endpoint settings, derived from its private key so that they survive
+/// restarts: connection IDs validate under the same key and stateless-reset tokens stay the same,
+/// so a restarted relay answers packets of connections it has forgotten with a valid stateless
+/// reset (RFC 9000 §10.3) and sidecars reconnect at once instead of waiting for the idle timeout.
+pub fn relay_endpoint_config(private_key_der: &[u8]) -> quinn::EndpointConfig {
+    let derive = |label: &[u8]| {
+        let mut material = label.to_vec();
+        material.extend_from_slice(private_key_der);
+        ring::digest::digest(&ring::digest::SHA256, &material)
+    };
+    let reset = derive(b"veil stateless reset key v1");
+    let cid = derive(b"veil connection id key v1");
+    let cid_key = cid
+        .as_ref()
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(0, u64::from_le_bytes);
+    let mut config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        reset.as_ref(),
+    )));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
+}
+
 /// QUIC transport settings for the tunnel, the same at both ends.
 ///
 /// Media needs 1200-byte datagrams through the tunnel, so the path MTU is chosen on purpose:
@@ -161,8 +188,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// large for the path at the moment is dropped and counted by the caller.
 pub fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(20)) {
+    // A lost relay is noticed within the idle timeout (or at once, by stateless reset, when it
+    // restarts); keep-alives are a few bytes a second.
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(6)) {
         t.max_idle_timeout(Some(idle));
     }
     t.initial_mtu(1400);

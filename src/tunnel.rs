@@ -453,6 +453,7 @@ impl Bind {
 
     /// Sends `payload` to `peer` through the relay.
     pub fn send(&mut self, peer: SocketAddr, payload: &[u8]) -> Result<(), SendError> {
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         if self.closed.is_cancelled() {
             return Err(SendError::Closed);
         }

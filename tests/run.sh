@@ -46,7 +46,7 @@ if [ "$FUZZ_SECONDS" -gt 0 ]; then
   command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
   # cargo-fuzz needs nightly flags; this machine has only stable, which accepts them with
   # RUSTC_BOOTSTRAP=1.
-  for target in socks5_codec policy_load; do
+  for target in socks5_codec policy_load masque_wire; do
     mkdir -p "fuzz/corpus/$target"
     (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none "$target" "corpus/$target" "seeds/$target" -- \
       -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 -print_final_stats=1 2>&1 | tail -n 12)

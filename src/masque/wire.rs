@@ -129,9 +129,10 @@ pub fn write_http_datagram_prefix(out: &mut Vec<u8>, quarter_stream_id: u64, con
     write_varint(out, context_id);
 }
 
-/// Writes the address part of an uncompressed bound UDP payload.
+/// Writes the address part of an uncompressed bound UDP payload, in the family `addr` has
+/// (callers canonicalise IPv4-mapped addresses first where that matters).
 pub fn write_uncompressed_address(out: &mut Vec<u8>, addr: SocketAddr) {
-    match addr.ip().to_canonical() {
+    match addr.ip() {
         IpAddr::V4(ip) => {
             out.push(4);
             out.extend_from_slice(&ip.octets());
@@ -146,7 +147,7 @@ pub fn write_uncompressed_address(out: &mut Vec<u8>, addr: SocketAddr) {
 
 /// The length of the address part for `addr`.
 pub fn uncompressed_address_len(addr: SocketAddr) -> usize {
-    match addr.ip().to_canonical() {
+    match addr.ip() {
         IpAddr::V4(_) => 1 + 4 + 2,
         IpAddr::V6(_) => 1 + 16 + 2,
     }
@@ -399,13 +400,13 @@ mod tests {
     fn datagrams_and_uncompressed_payloads() {
         let mut out = Vec::new();
         write_http_datagram_prefix(&mut out, 1, 2);
-        let peer: SocketAddr = "[::ffff:198.51.100.7]:5004".parse().expect("addr");
+        let peer: SocketAddr = "198.51.100.7:5004".parse().expect("addr");
         write_uncompressed_address(&mut out, peer);
         out.extend_from_slice(b"rtp");
         let d = decode_http_datagram(&out).expect("valid");
         assert_eq!((d.quarter_stream_id, d.context_id), (1, 2));
         let (addr, payload) = decode_uncompressed(d.payload).expect("valid");
-        assert_eq!(addr, "198.51.100.7:5004".parse().expect("addr"));
+        assert_eq!(addr, peer);
         assert_eq!(payload, b"rtp");
         assert_eq!(uncompressed_address_len(peer), 7);
         assert_eq!(decode_uncompressed(&[0, 1, 2]), Err(Error::IpVersion(0)));

@@ -282,10 +282,24 @@ fn own_addresses() -> Vec<IpAddr> {
 }
 
 impl Relay {
-    /// Binds the QUIC endpoint with `tls` (see [`crate::pki::server_config`]).
-    pub fn bind(config: RelayConfig, tls: quinn::ServerConfig) -> Result<Self, Error> {
-        let endpoint = quinn::Endpoint::server(tls, config.listen)
-            .map_err(|e| Error::Listen(config.listen, e))?;
+    /// Binds the QUIC endpoint with `tls` (see [`crate::pki::server_config`]) and endpoint
+    /// settings that survive restarts (see [`crate::pki::relay_endpoint_config`]).
+    pub fn bind(
+        config: RelayConfig,
+        tls: quinn::ServerConfig,
+        endpoint_config: quinn::EndpointConfig,
+    ) -> Result<Self, Error> {
+        let listen = config.listen;
+        let endpoint = std::net::UdpSocket::bind(listen)
+            .and_then(|socket| {
+                quinn::Endpoint::new(
+                    endpoint_config,
+                    Some(tls),
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            })
+            .map_err(|e| Error::Listen(listen, e))?;
         let mut own = own_addresses();
         own.push(config.public_address);
         if !config.listen.ip().is_unspecified() {

@@ -598,8 +598,9 @@ struct Relay<'a> {
     bind: Option<Bind>,
     /// A bind request under way.
     opening: Option<tokio::task::JoinHandle<Result<Bind, OpenError>>>,
-    /// When the last bind request started (retries at most once a second).
-    last_attempt: Option<Instant>,
+    /// When the last bind request started, and on which tunnel connection (retries at most
+    /// once a second on the same connection; at once after a reconnect).
+    last_attempt: Option<(Instant, u64)>,
     /// A relayed packet found no bind: open one.
     want_bind: bool,
 }
@@ -810,9 +811,10 @@ impl Relay<'_> {
         let Some(tunnel) = &self.shared.config.tunnel else {
             return;
         };
+        let connection = tunnel.counters().connects.load(Ordering::Relaxed);
         let recently = self
             .last_attempt
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(1));
+            .is_some_and(|(t, c)| c == connection && t.elapsed() < Duration::from_secs(1));
         if !self.want_bind || self.bind.is_some() || self.opening.is_some() || recently {
             return;
         }
@@ -820,7 +822,7 @@ impl Relay<'_> {
             return;
         }
         self.want_bind = false;
-        self.last_attempt = Some(Instant::now());
+        self.last_attempt = Some((Instant::now(), connection));
         let (tunnel, user) = (tunnel.clone(), self.user.name().to_owned());
         self.opening = Some(tokio::spawn(async move { tunnel.open_bind(&user).await }));
     }

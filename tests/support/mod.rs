@@ -2,6 +2,8 @@
 //! echo server, the pinned Python client environment. Everything spawned is torn down on drop.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -74,27 +76,58 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// A running `veil sidecar`, killed on drop.
-pub struct Sidecar {
+/// A running `veil` daemon (sidecar or relay), killed on drop.
+pub struct Daemon {
     child: Child,
+    /// The address it announced as ready (`listen=`).
     pub addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
-    _policy: Option<tempfile::TempDir>,
     _reader: Option<JoinHandle<()>>,
 }
 
-pub struct SidecarBuilder {
-    policy: Vec<(String, String)>,
-    passwords: Option<String>,
-    listen: String,
-}
-
-impl Sidecar {
-    pub fn builder() -> SidecarBuilder {
-        SidecarBuilder {
-            policy: Vec::new(),
-            passwords: None,
-            listen: "127.0.0.1:0".to_owned(),
+impl Daemon {
+    /// Spawns `cmd` with its stderr captured; waits for the `listen=` line of its ready message.
+    pub fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
+            .env("VEIL_LOG", "debug,quinn=info,h3=info,rustls=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn veil");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let reader = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("ready")
+                        && let Some(addr) = line.split("listen=").nth(1)
+                    {
+                        let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
+                    }
+                    log.lock().expect("log").push(line);
+                }
+            })
+        };
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a.parse().expect("listen address"),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "veil did not start:\n{}",
+                    log.lock().expect("log").join("\n")
+                );
+            }
+        };
+        Self {
+            child,
+            addr,
+            log,
+            _reader: Some(reader),
         }
     }
 
@@ -119,30 +152,28 @@ impl Sidecar {
         None
     }
 
-    /// Sends SIGHUP (policy reload).
-    pub fn hangup(&self) {
-        signal(&self.child, "HUP");
-    }
-
-    /// The policy directory.
-    pub fn policy_path(&self) -> &Path {
-        self._policy.as_ref().expect("policy dir").path()
+    /// Sends a signal by name (`HUP`, `TERM`, `KILL`).
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status();
     }
 
     /// SIGTERM, then waits for exit; returns the full log.
     pub fn stop(mut self) -> Vec<String> {
-        signal(&self.child, "TERM");
+        self.signal("TERM");
         let _ = wait_timeout(&mut self.child, Duration::from_secs(10));
         std::thread::sleep(Duration::from_millis(50));
         self.log()
     }
-}
 
-fn signal(child: &Child, sig: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(child.id().to_string())
-        .status();
+    /// SIGKILL, and waits for the process to be gone.
+    pub fn kill(mut self) -> Vec<String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.log()
+    }
 }
 
 fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
@@ -157,10 +188,81 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::Ex
     child.wait().ok()
 }
 
-impl Drop for Sidecar {
+impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A running `veil sidecar` with its policy directory.
+pub struct Sidecar {
+    daemon: Daemon,
+    /// The SOCKS5 address.
+    pub addr: SocketAddr,
+    policy: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Sidecar {
+    type Target = Daemon;
+    fn deref(&self) -> &Daemon {
+        &self.daemon
+    }
+}
+
+/// How a sidecar reaches its relay.
+pub struct RelayLink {
+    pub address: SocketAddr,
+    pub server_name: String,
+    pub ca: PathBuf,
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+}
+
+pub struct SidecarBuilder {
+    policy: Vec<(String, String)>,
+    passwords: Option<String>,
+    listen: String,
+    relay: Option<RelayLink>,
+    netns: Option<String>,
+}
+
+impl Sidecar {
+    pub fn builder() -> SidecarBuilder {
+        SidecarBuilder {
+            policy: Vec::new(),
+            passwords: None,
+            listen: "127.0.0.1:0".to_owned(),
+            relay: None,
+            netns: None,
+        }
+    }
+
+    /// Sends SIGHUP (policy reload).
+    pub fn hangup(&self) {
+        self.daemon.signal("HUP");
+    }
+
+    /// The policy directory.
+    pub fn policy_path(&self) -> &Path {
+        self.policy.path()
+    }
+
+    /// SIGTERM, then waits for exit; returns the full log.
+    pub fn stop(self) -> Vec<String> {
+        self.daemon.stop()
+    }
+}
+
+/// A command for the `veil` binary, inside network namespace `netns` if given.
+pub fn veil_in(netns: Option<&str>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_veil")]);
+            c
+        }
+        None => veil(),
     }
 }
 
@@ -180,6 +282,16 @@ impl SidecarBuilder {
         self
     }
 
+    pub fn relay(mut self, link: RelayLink) -> Self {
+        self.relay = Some(link);
+        self
+    }
+
+    pub fn netns(mut self, ns: &str) -> Self {
+        self.netns = Some(ns.to_owned());
+        self
+    }
+
     pub fn spawn(self) -> Sidecar {
         let files: Vec<(&str, &str)> = self
             .policy
@@ -187,7 +299,7 @@ impl SidecarBuilder {
             .map(|(a, b)| (a.as_str(), b.as_str()))
             .collect();
         let dir = policy_dir(&files);
-        let mut cmd = veil();
+        let mut cmd = veil_in(self.netns.as_deref());
         cmd.arg("sidecar")
             .arg("--listen")
             .arg(&self.listen)
@@ -198,45 +310,95 @@ impl SidecarBuilder {
             std::fs::write(&path, text).expect("write passwords");
             cmd.arg("--passwords").arg(&path);
         }
-        let mut child = cmd
-            .env("VEIL_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn veil");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let reader = {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if let Some(addr) = line.split("listen=").nth(1) {
-                        let _ = tx.send(addr.trim().to_owned());
-                    }
-                    log.lock().expect("log").push(line);
-                }
-            })
-        };
-        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(a) => a.parse().expect("listen address"),
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "veil sidecar did not start:\n{}",
-                    log.lock().expect("log").join("\n")
-                );
-            }
-        };
+        if let Some(r) = &self.relay {
+            let path = dir.path().join(".sidecar.toml");
+            let text = format!(
+                "[relay]\naddress = \"{}\"\nserver_name = \"{}\"\nca = \"{}\"\ncertificate = \"{}\"\nprivate_key = \"{}\"\n",
+                r.address,
+                r.server_name,
+                r.ca.display(),
+                r.certificate.display(),
+                r.private_key.display()
+            );
+            std::fs::write(&path, text).expect("write sidecar config");
+            cmd.arg("--config").arg(&path);
+        }
+        let daemon = Daemon::spawn(cmd);
         Sidecar {
-            child,
-            addr,
-            log,
-            _policy: Some(dir),
-            _reader: Some(reader),
+            addr: daemon.addr,
+            daemon,
+            policy: dir,
         }
     }
+}
+
+/// Certificates made by `veil pki` for a relay named `relay_name` and one client `sidecar`.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn generate(relay_name: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = veil()
+            .arg("pki")
+            .arg(dir.path().join("pki"))
+            .args(["--relay-name", relay_name, "--client", "sidecar"])
+            .output()
+            .expect("veil pki");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { dir }
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join("pki").join(file)
+    }
+
+    /// A sidecar's link to a relay at `address` checked as `server_name`.
+    pub fn link(&self, address: SocketAddr, server_name: &str) -> RelayLink {
+        RelayLink {
+            address,
+            server_name: server_name.to_owned(),
+            ca: self.path("ca.crt"),
+            certificate: self.path("sidecar.crt"),
+            private_key: self.path("sidecar.key"),
+        }
+    }
+
+    /// Writes a relay config next to the certificates; returns its path.
+    pub fn relay_config(&self, name: &str, listen: &str, extra: &str) -> PathBuf {
+        let path = self.dir.path().join("pki").join(name);
+        let text = format!(
+            "listen = \"{listen}\"\ncertificate = \"relay.crt\"\nprivate_key = \"relay.key\"\nclient_ca = \"ca.crt\"\n{extra}"
+        );
+        std::fs::write(&path, text).expect("write relay config");
+        path
+    }
+}
+
+/// Starts `veil relay --config CONFIG`, inside `netns` if given.
+pub fn spawn_relay(netns: Option<&str>, config: &Path) -> Daemon {
+    let mut cmd = veil_in(netns);
+    cmd.arg("relay").arg("--config").arg(config);
+    Daemon::spawn(cmd)
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns` (sockets it makes live there).
+pub fn in_netns<T: Send + 'static>(ns: Option<&str>, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = ns.map(str::to_owned);
+    std::thread::spawn(move || {
+        if let Some(ns) = ns {
+            let file = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("open netns");
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        }
+        f()
+    })
+    .join()
+    .expect("netns thread")
 }
 
 /// What an echo server received: sender and payload.
@@ -252,7 +414,13 @@ pub struct UdpEcho {
 
 impl UdpEcho {
     pub fn spawn(bind: &str) -> Self {
-        let socket = UdpSocket::bind(bind).expect("bind echo");
+        Self::spawn_in(None, bind)
+    }
+
+    /// An echo server bound inside network namespace `ns`.
+    pub fn spawn_in(ns: Option<&str>, bind: &str) -> Self {
+        let bind = bind.to_owned();
+        let socket = in_netns(ns, move || UdpSocket::bind(&bind).expect("bind echo"));
         socket
             .set_read_timeout(Some(Duration::from_millis(50)))
             .expect("timeout");
@@ -297,7 +465,20 @@ impl Drop for UdpEcho {
 
 /// Runs the PySocks UDP client script; returns its JSON-ish stdout lines.
 pub fn pysocks_udp(proxy: SocketAddr, args: &[&str]) -> Output {
-    let out = Command::new(python())
+    pysocks_udp_in(None, proxy, args)
+}
+
+/// Runs the PySocks UDP client inside network namespace `ns`.
+pub fn pysocks_udp_in(ns: Option<&str>, proxy: SocketAddr, args: &[&str]) -> Output {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(python());
+            c
+        }
+        None => Command::new(python()),
+    };
+    let out = cmd
         .arg(client_script("pysocks_udp.py"))
         .arg(proxy.ip().to_string())
         .arg(proxy.port().to_string())
@@ -315,22 +496,35 @@ pub fn pysocks_udp(proxy: SocketAddr, args: &[&str]) -> Output {
 /// A one-shot HTTP server on loopback that answers every request with `body`.
 pub struct HttpServer {
     pub addr: SocketAddr,
+    /// Who connected.
+    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl HttpServer {
     pub fn spawn(body: &'static str) -> Self {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind http");
+        Self::spawn_in(None, "127.0.0.1:0", body)
+    }
+
+    /// An HTTP server bound inside network namespace `ns`.
+    pub fn spawn_in(ns: Option<&str>, bind: &str, body: &'static str) -> Self {
+        let bind = bind.to_owned();
+        let listener = in_netns(ns, move || {
+            std::net::TcpListener::bind(&bind).expect("bind http")
+        });
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("addr");
         let stop = Arc::new(AtomicBool::new(false));
+        let peers = Arc::new(Mutex::new(Vec::new()));
         let thread = {
             let stop = stop.clone();
+            let peers = peers.clone();
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
-                        Ok((mut s, _)) => {
+                        Ok((mut s, peer)) => {
+                            peers.lock().expect("peers").push(peer);
                             let _ = s.set_nonblocking(false);
                             let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
                             let mut buf = [0u8; 4096];
@@ -348,6 +542,7 @@ impl HttpServer {
         };
         Self {
             addr,
+            peers,
             stop,
             thread: Some(thread),
         }

@@ -1,0 +1,258 @@
+//! `veil relay` against an independent MASQUE client (aioquic: its own QUIC and HTTP/3 stack),
+//! and its refusals: no client certificate, forbidden targets in every encoding, quotas, bad
+//! configuration.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+use support::{
+    Daemon, Pki, Sidecar, UdpEcho, client_script, pysocks_udp, python, spawn_relay, veil,
+};
+
+fn masque(relay: SocketAddr, pki: &Pki, with_cert: bool, args: &[&str]) -> Vec<String> {
+    let mut cmd = Command::new(python());
+    cmd.arg(client_script("masque_client.py"))
+        .arg(relay.ip().to_string())
+        .arg(relay.port().to_string())
+        .args(["--name", "localhost", "--ca"])
+        .arg(pki.path("ca.crt"));
+    if with_cert {
+        cmd.arg("--cert")
+            .arg(pki.path("sidecar.crt"))
+            .arg("--key")
+            .arg(pki.path("sidecar.key"));
+    }
+    let out = cmd.args(args).output().expect("run aioquic client");
+    assert!(
+        out.status.success(),
+        "aioquic client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn relay_with(pki: &Pki, extra: &str) -> Daemon {
+    let config = pki.relay_config("relay.toml", "127.0.0.1:0", extra);
+    spawn_relay(None, &config)
+}
+
+#[test]
+fn aioquic_binds_and_compresses_through_veil_relay() {
+    let pki = Pki::generate("localhost");
+    let relay = relay_with(&pki, "allow = [\"127.0.0.0/8\"]\n");
+    let echo = UdpEcho::spawn("127.0.0.2:0");
+    let lines = masque(relay.addr, &pki, true, &["bind", &echo.addr.to_string()]);
+    let public = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("public "))
+        .expect("public address")
+        .trim_matches('"')
+        .to_owned();
+    let want = [
+        "status 200 bind ?1".to_owned(),
+        format!("public \"{public}\""),
+        format!("reply 2 {} plain-0", echo.addr),
+        "ack 2".to_owned(),
+        "ack 4".to_owned(),
+        format!("reply 4 {} compressed-0", echo.addr),
+    ];
+    assert_eq!(lines, want);
+    // The echo server saw the relay's public address of the bind, for both datagrams.
+    let seen: Vec<String> = echo
+        .seen()
+        .iter()
+        .map(|(from, _)| from.to_string())
+        .collect();
+    assert_eq!(seen, vec![public.clone(), public]);
+}
+
+#[test]
+fn deny_by_default_drops_datagrams_and_refuses_contexts() {
+    let pki = Pki::generate("localhost");
+    // No allow list: loopback is denied like every special-purpose range.
+    let relay = relay_with(&pki, "");
+    let echo = UdpEcho::spawn("127.0.0.2:0");
+    let lines = masque(relay.addr, &pki, true, &["bind", &echo.addr.to_string()]);
+    assert!(
+        lines.contains(&format!("no-reply {}", echo.addr)),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&"close 4".to_owned()),
+        "the compressed context is refused: {lines:?}"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        echo.seen().is_empty(),
+        "a denied target received {:?}",
+        echo.seen()
+    );
+    let log = relay.stop().join("\n");
+    assert!(log.contains("counter=\"dropped_egress\" value=1"), "{log}");
+}
+
+#[test]
+fn every_forbidden_target_class_is_refused_with_proxy_status() {
+    let pki = Pki::generate("localhost");
+    let relay = relay_with(&pki, "allow = [\"127.0.0.2/32\"]\n");
+    let forbidden = [
+        // Every IPv4-embedding encoding of 127.0.0.1 and 10.0.0.1.
+        "127.0.0.1:9",
+        "[::ffff:127.0.0.1]:9",
+        "[::127.0.0.1]:9",
+        "[2002:7f00:1::]:9",
+        "[2001:0:4136:e378:8000:63bf:80ff:fffe]:9",
+        "[64:ff9b::7f00:1]:9",
+        "[64:ff9b:1::7f00:1]:9",
+        "10.0.0.1:9",
+        "[::ffff:10.0.0.1]:9",
+        "[::10.0.0.1]:9",
+        "[2002:a00:1::]:9",
+        "[64:ff9b::a00:1]:9",
+        // Unspecified, link-local (cloud metadata), CGNAT, multicast, broadcast, ULA, documentation.
+        "0.0.0.0:9",
+        "[::]:9",
+        "[::1]:9",
+        "169.254.169.254:80",
+        "[fe80::1]:9",
+        "100.64.0.1:9",
+        "224.0.0.251:5353",
+        "[ff02::fb]:5353",
+        "255.255.255.255:9",
+        "[fd00::1]:9",
+        "192.0.2.1:9",
+        "[2001:db8::1]:9",
+        "172.16.0.1:9",
+        "192.168.1.1:9",
+        "198.18.0.1:9",
+    ];
+    let mut args = vec!["targets", "127.0.0.2:9"];
+    args.extend(forbidden);
+    let lines = masque(relay.addr, &pki, true, &args);
+    assert_eq!(lines.len(), forbidden.len() + 1, "{lines:?}");
+    assert_eq!(lines[0], "target 127.0.0.2:9 200 ");
+    for (line, target) in lines[1..].iter().zip(forbidden) {
+        assert!(
+            line.starts_with(&format!(
+                "target {target} 403 veil; error=destination_ip_prohibited; details="
+            )),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn no_client_certificate_no_tunnel() {
+    let pki = Pki::generate("localhost");
+    let relay = relay_with(&pki, "allow = [\"127.0.0.0/8\"]\n");
+    let lines = masque(relay.addr, &pki, false, &["targets", "127.0.0.2:9"]);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].starts_with("handshake-failed"), "{lines:?}");
+    assert!(
+        relay
+            .wait_log(
+                &["handshake failed", "peer sent no certificates"],
+                Duration::from_secs(3)
+            )
+            .is_some()
+    );
+
+    // A sidecar whose certificate comes from another CA never gets a tunnel, and its relayed
+    // traffic is dropped, not sent another way.
+    let stranger = Pki::generate("localhost");
+    let mut link = pki.link(relay.addr, "localhost");
+    link.certificate = stranger.path("sidecar.crt");
+    link.private_key = stranger.path("sidecar.key");
+    let echo = UdpEcho::spawn("127.0.0.2:0");
+    let sidecar = Sidecar::builder()
+        .policy("default.toml", "fallback = \"relay\"\n")
+        .relay(link)
+        .spawn();
+    let out = pysocks_udp(
+        sidecar.addr,
+        &["--timeout", "0.5", &format!("{}:x", echo.addr)],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "timeout\n");
+    assert!(echo.seen().is_empty());
+    assert!(
+        sidecar
+            .wait_log(&["cannot reach the relay"], Duration::from_secs(5))
+            .is_some()
+    );
+    // A relayed CONNECT while the relay is unreachable gets a clean SOCKS5 failure: X'03'.
+    let web = support::HttpServer::spawn("never");
+    let curl = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            "--socks5",
+            &sidecar.addr.to_string(),
+            &format!("http://{}/", web.addr),
+        ])
+        .output()
+        .expect("curl");
+    assert!(!curl.status.success());
+    let err = String::from_utf8_lossy(&curl.stderr);
+    assert!(err.contains("(3)") || err.contains("unreachable"), "{err}");
+    assert!(
+        web.peers.lock().expect("peers").is_empty(),
+        "the relayed CONNECT went direct"
+    );
+    let log = sidecar.stop().join("\n");
+    assert!(
+        log.contains("counter=\"dropped_relay_unavailable\" value=2"),
+        "{log}"
+    );
+}
+
+#[test]
+fn bind_quota_is_enforced_with_429() {
+    let pki = Pki::generate("localhost");
+    let relay = relay_with(
+        &pki,
+        "allow = [\"127.0.0.0/8\"]\n[quotas]\nbinds_per_user = 2\n",
+    );
+    let lines = masque(relay.addr, &pki, true, &["binds", "3"]);
+    // The relay serves requests concurrently: which one is refused is not fixed.
+    let mut statuses: Vec<&str> = lines
+        .iter()
+        .map(|l| l.splitn(3, ' ').nth(2).unwrap_or(""))
+        .collect();
+    statuses.sort_unstable();
+    assert_eq!(
+        statuses,
+        [
+            "200 ",
+            "200 ",
+            "429 veil; error=connection_limit_reached; details=\"quota for user alice\""
+        ],
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn malformed_config_stops_startup() {
+    let pki = Pki::generate("localhost");
+    let config = pki.relay_config("bad.toml", "127.0.0.1:0", "allow = [\"10.0.0.1/8\"]\n");
+    let out = veil()
+        .arg("relay")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run veil relay");
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}:5:10: allow[0]: expected a CIDR network without host bits, found \"10.0.0.1/8\"",
+            config.display()
+        )),
+        "{err}"
+    );
+}
