@@ -59,6 +59,35 @@ pub fn owner_in_table(table: &str, local: SocketAddr, remote: SocketAddr) -> Opt
     })
 }
 
+/// Finds the uid owning the UDP socket that sent from `source`, in the text of a
+/// `/proc/net/udp{,6}` table: a socket bound to that address and port, or to the unspecified
+/// address and that port.
+pub fn udp_owner_in_table(table: &str, source: SocketAddr) -> Option<u32> {
+    let source = SocketAddr::new(source.ip().to_canonical(), source.port());
+    table.lines().skip(1).find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let l = parse_hex_addr(fields.nth(1)?)?;
+        let uid = fields.nth(5)?.parse().ok()?;
+        let ip = l.ip().to_canonical();
+        (l.port() == source.port() && (ip == source.ip() || ip.is_unspecified())).then_some(uid)
+    })
+}
+
+/// The uid that owns the local UDP socket that sent from `source`.
+pub fn udp_source_uid(source: SocketAddr) -> Result<Option<u32>, Error> {
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let text = match std::fs::read_to_string(table) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(uid) = udp_owner_in_table(&text, source) {
+            return Ok(Some(uid));
+        }
+    }
+    Ok(None)
+}
+
 /// The uid that owns the client end of a TCP connection that this process accepted: `server` is
 /// our end (the listener's address), `client` the peer's. `None` if the client is not local.
 pub fn client_uid(server: SocketAddr, client: SocketAddr) -> Result<Option<u32>, Error> {
@@ -139,6 +168,20 @@ mod tests {
             owner_in_table(TCP6, addr("127.0.0.1:50001"), addr("127.0.0.1:1080")),
             Some(1003)
         );
+    }
+
+    #[test]
+    fn finds_the_owner_of_a_udp_sender() {
+        const UDP: &str = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  1: 00000000:1F40 00000000:0000 07 00000000:00000000 00:00000000 00000000 65534        0 1 2 0 0
+  2: 020200C0:1F41 00000000:0000 07 00000000:00000000 00:00000000 00000000  1001        0 1 2 0 0
+";
+        assert_eq!(udp_owner_in_table(UDP, addr("192.0.2.2:8000")), Some(65534));
+        assert_eq!(udp_owner_in_table(UDP, addr("192.0.2.2:8001")), Some(1001));
+        assert_eq!(udp_owner_in_table(UDP, addr("192.0.2.3:8001")), None);
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let uid = udp_source_uid(socket.local_addr().expect("addr")).expect("table");
+        assert_eq!(uid, Some(nix::unistd::geteuid().as_raw()));
     }
 
     #[test]

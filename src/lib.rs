@@ -2,7 +2,9 @@
 //!
 //! The library holds all logic; `src/main.rs` is a thin command-line shell around it.
 
+pub mod firewall;
 pub mod identity;
+pub mod intercept;
 pub mod masque;
 pub mod pki;
 pub mod policy;

@@ -77,6 +77,11 @@ enum Cmd {
         /// The user name the line is for.
         user: String,
     },
+    /// Install or remove the kernel firewall of transparent interception.
+    Firewall {
+        #[command(subcommand)]
+        action: FirewallAction,
+    },
     /// Write a private CA, a relay certificate and sidecar client certificates to DIR.
     Pki {
         /// Where to write ca.crt, ca.key, relay.crt, relay.key and NAME.crt/NAME.key per client.
@@ -90,6 +95,23 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum FirewallAction {
+    /// Install (or atomically replace) the table for the managed users of a sidecar config;
+    /// with no daemon running, their UDP is dropped (the early-boot state).
+    Install {
+        /// The sidecar configuration file.
+        #[arg(long, default_value = "/etc/veil/sidecar.toml")]
+        config: PathBuf,
+    },
+    /// Remove veil's table and policy routing.
+    Remove {
+        /// The fwmark the table was installed with.
+        #[arg(long, default_value_t = veil::firewall::DEFAULT_MARK)]
+        mark: u32,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -100,6 +122,7 @@ fn main() -> ExitCode {
             relay_names,
             clients,
         } => report(write_pki(&dir, &relay_names, &clients)),
+        Cmd::Firewall { action } => report(firewall(action)),
         command => {
             init_tracing();
             let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -246,6 +269,60 @@ fn write_pki(dir: &Path, relay_names: &[String], clients: &[String]) -> anyhow::
     Ok(())
 }
 
+/// The kernel interception settings of a sidecar config: names resolved to ids.
+fn interception(
+    t: &veil::sidecar::TransparentSettings,
+) -> anyhow::Result<veil::firewall::Interception> {
+    let mut uids = Vec::new();
+    for name in &t.users {
+        let user = nix::unistd::User::from_name(name)?
+            .with_context(|| format!("managed user {name:?} does not exist"))?;
+        uids.push(user.uid.as_raw());
+    }
+    let mut gids = Vec::new();
+    let mut routed_uids = uids.clone();
+    for name in &t.groups {
+        let group = nix::unistd::Group::from_name(name)?
+            .with_context(|| format!("managed group {name:?} does not exist"))?;
+        gids.push(group.gid.as_raw());
+        for member in &group.mem {
+            if let Ok(Some(user)) = nix::unistd::User::from_name(member) {
+                routed_uids.push(user.uid.as_raw());
+            }
+        }
+    }
+    routed_uids.sort_unstable();
+    routed_uids.dedup();
+    if uids.contains(&0) || gids.contains(&0) || routed_uids.contains(&0) {
+        bail!("root cannot be a managed user or group: veil itself runs as root");
+    }
+    Ok(veil::firewall::Interception {
+        uids,
+        gids,
+        routed_uids,
+        port: t.port,
+        mark: t.mark,
+    })
+}
+
+fn firewall(action: FirewallAction) -> anyhow::Result<()> {
+    match action {
+        FirewallAction::Install { config } => {
+            let settings = SidecarConfig::load(&config).map_err(anyhow::Error::msg)?;
+            let t = settings
+                .transparent
+                .context("the sidecar config has no [transparent] section")?;
+            veil::firewall::install(&interception(&t)?)?;
+            println!("veil firewall installed: managed users' UDP leaves only through veil");
+        }
+        FirewallAction::Remove { mark } => {
+            veil::firewall::remove(mark)?;
+            println!("veil firewall removed");
+        }
+    }
+    Ok(())
+}
+
 fn tunnel_config_from(settings: &veil::sidecar::RelaySettings) -> anyhow::Result<TunnelConfig> {
     let shown = |p: &Path| p.display().to_string();
     let ca = pki::certificates(&pki::read(&settings.ca)?, &shown(&settings.ca))?;
@@ -277,6 +354,7 @@ async fn sidecar(
             policy_dir: PathBuf::from("/etc/veil/policies"),
             passwords: None,
             relay: None,
+            transparent: None,
         },
     };
     settings.listen = listen.unwrap_or(settings.listen);
@@ -307,7 +385,25 @@ async fn sidecar(
     } else {
         warn!("no [relay] configured: `relay` verdicts are dropped (fail closed)");
     }
-    serve_sidecar(config, policy, Some(settings.policy_dir), shutdown, None).await
+    let interception = match &settings.transparent {
+        Some(t) => {
+            let i = interception(t)?;
+            // The kernel side first: from here on managed users' UDP leaves only through veil.
+            veil::firewall::install(&i)?;
+            info!(users = ?t.users, groups = ?t.groups, port = t.port, "firewall installed");
+            Some(i)
+        }
+        None => None,
+    };
+    serve_sidecar(
+        config,
+        policy,
+        Some(settings.policy_dir),
+        shutdown,
+        None,
+        interception,
+    )
+    .await
 }
 
 async fn relay(path: &Path) -> anyhow::Result<()> {
@@ -337,6 +433,27 @@ async fn relay(path: &Path) -> anyhow::Result<()> {
         info!(counter = name, value, "final count");
     }
     Ok(())
+}
+
+/// Checks every few seconds that the firewall table is intact; reinstalls it if another tool
+/// removed it.
+async fn guard_firewall(i: veil::firewall::Interception, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+        }
+        let check = tokio::task::spawn_blocking(veil::firewall::is_intact).await;
+        if check.is_ok_and(|intact| !intact) {
+            error!("veil's firewall table was removed by another tool; reinstalling it");
+            let i = i.clone();
+            match tokio::task::spawn_blocking(move || veil::firewall::install(&i)).await {
+                Ok(Ok(())) => warn!("firewall reinstalled"),
+                Ok(Err(e)) => error!(error = %e, "cannot reinstall the firewall"),
+                Err(e) => error!(error = %e, "cannot reinstall the firewall"),
+            }
+        }
+    }
 }
 
 async fn wait_for_stop() -> anyhow::Result<()> {
@@ -404,7 +521,7 @@ async fn up(listen: SocketAddr, allow: Vec<ipnet::IpNet>) -> anyhow::Result<()> 
         listen.ip(),
         listen.port()
     );
-    serve_sidecar(config, policy, None, shutdown, Some(banner)).await
+    serve_sidecar(config, policy, None, shutdown, Some(banner), None).await
 }
 
 async fn serve_sidecar(
@@ -413,11 +530,22 @@ async fn serve_sidecar(
     policy_dir: Option<PathBuf>,
     shutdown: CancellationToken,
     banner: Option<String>,
+    interception: Option<veil::firewall::Interception>,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let server = Server::bind(config, policy).await?;
     let addr = server.local_addr()?;
     let handle = server.handle();
+    if let Some(i) = interception {
+        let (h, token) = (handle.clone(), shutdown.clone());
+        let port = i.port;
+        tokio::spawn(async move {
+            if let Err(e) = veil::intercept::run(h, port, token).await {
+                error!("{e}; managed users' UDP is dropped by the firewall");
+            }
+        });
+        tokio::spawn(guard_firewall(i, shutdown.clone()));
+    }
     info!(listen = %addr, "veil sidecar ready (SOCKS5)");
     if let Some(banner) = banner {
         println!("{banner}");

@@ -11,6 +11,12 @@
 //! ca = "ca.crt"                        # CA of the relay's certificate
 //! certificate = "sidecar.crt"          # this sidecar's client certificate
 //! private_key = "sidecar.key"
+//!
+//! [transparent]                        # intercept these users' UDP in the kernel (TPROXY)
+//! users = ["alice"]
+//! groups = ["callers"]
+//! port = 15353                         # the listener on 127.0.0.1 and ::1
+//! mark = 7697                          # fwmark and routing table (0x1e11)
 //! ```
 //! Relative paths are taken from the file's directory.
 
@@ -35,6 +41,19 @@ pub struct RelaySettings {
     pub private_key: PathBuf,
 }
 
+/// Who is intercepted transparently.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransparentSettings {
+    /// Managed user names.
+    pub users: Vec<String>,
+    /// Managed group names.
+    pub groups: Vec<String>,
+    /// The TPROXY listener port.
+    pub port: u16,
+    /// The fwmark / routing table.
+    pub mark: u32,
+}
+
 /// A validated sidecar configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SidecarConfig {
@@ -46,6 +65,8 @@ pub struct SidecarConfig {
     pub passwords: Option<PathBuf>,
     /// The relay, if any.
     pub relay: Option<RelaySettings>,
+    /// Transparent interception, if any.
+    pub transparent: Option<TransparentSettings>,
 }
 
 #[derive(Deserialize)]
@@ -55,6 +76,18 @@ struct Raw {
     policy_dir: Option<String>,
     passwords: Option<String>,
     relay: Option<RawRelay>,
+    transparent: Option<RawTransparent>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTransparent {
+    #[serde(default)]
+    users: Vec<String>,
+    #[serde(default)]
+    groups: Vec<String>,
+    port: Option<u16>,
+    mark: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -107,7 +140,14 @@ impl SidecarConfig {
             }
             None => None,
         };
+        let transparent = raw.transparent.map(|t| TransparentSettings {
+            users: t.users,
+            groups: t.groups,
+            port: t.port.unwrap_or(crate::firewall::DEFAULT_PORT),
+            mark: t.mark.unwrap_or(crate::firewall::DEFAULT_MARK),
+        });
         Ok(Self {
+            transparent,
             listen,
             policy_dir: base.join(
                 raw.policy_dir

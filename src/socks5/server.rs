@@ -90,7 +90,7 @@ pub struct Counters {
 }
 
 impl Counters {
-    fn drop(&self, reason: DropReason) {
+    pub(crate) fn drop(&self, reason: DropReason) {
         if let Some(c) = self.drops.get(reason.index()) {
             c.fetch_add(1, Ordering::Relaxed);
         }
@@ -128,21 +128,37 @@ struct UserState {
     packets: TokenBucket,
 }
 
-/// State shared by every session.
+/// State shared by every session (and by transparent interception, [`crate::intercept`]).
 #[derive(Debug)]
-struct Shared {
-    config: Config,
-    policy: ArcSwap<PolicyVersion>,
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) policy: ArcSwap<PolicyVersion>,
     users: Mutex<HashMap<String, UserState>>,
-    counters: Counters,
+    pub(crate) counters: Counters,
     /// Bounds how many block decisions are logged per second.
     block_log: Mutex<TokenBucket>,
+}
+
+impl Shared {
+    /// Charges one datagram to `user`'s packet rate; false if over the limit.
+    pub(crate) fn take_packet_token(&self, user: &User, policy: &PolicyVersion) -> bool {
+        let Ok(mut users) = self.users.lock() else {
+            return false;
+        };
+        let Some(state) = users.get_mut(user.name()) else {
+            return false;
+        };
+        state
+            .packets
+            .set_rate(policy.policy.limits(user).max_packets_per_second);
+        state.packets.take(Instant::now())
+    }
 }
 
 /// A handle to a running server: reload its policy, read its counters.
 #[derive(Debug, Clone)]
 pub struct Handle {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl Handle {
@@ -373,7 +389,7 @@ async fn handshake(
 }
 
 /// One session's hold on its user's session count; released on drop.
-struct SessionSlot<'a> {
+pub(crate) struct SessionSlot<'a> {
     shared: &'a Shared,
     user: String,
 }
@@ -391,7 +407,11 @@ impl Drop for SessionSlot<'_> {
     }
 }
 
-fn take_session_slot<'a>(shared: &'a Shared, user: &User, max: u32) -> Option<SessionSlot<'a>> {
+pub(crate) fn take_session_slot<'a>(
+    shared: &'a Shared,
+    user: &User,
+    max: u32,
+) -> Option<SessionSlot<'a>> {
     let mut users = shared.users.lock().ok()?;
     let limits = shared.policy.load().policy.limits(user);
     let state = users
@@ -459,7 +479,7 @@ async fn resolve(address: &Address) -> Option<SocketAddr> {
     }
 }
 
-fn log_decision(
+pub(crate) fn log_decision(
     shared: &Shared,
     user: &User,
     client: SocketAddr,
@@ -629,7 +649,7 @@ fn outbound_socket(v6: bool) -> io::Result<UdpSocket> {
 
 /// Sends at once, without waiting for the runtime to report the socket writable (a UDP socket
 /// almost always is; when its buffer is full the datagram is dropped, as the network would).
-fn send_now(socket: &UdpSocket, payload: &[u8], to: SocketAddr) -> io::Result<usize> {
+pub(crate) fn send_now(socket: &UdpSocket, payload: &[u8], to: SocketAddr) -> io::Result<usize> {
     socket2::SockRef::from(socket).send_to(payload, &to.into())
 }
 
@@ -828,16 +848,7 @@ impl Relay<'_> {
     }
 
     fn take_packet_token(&self, policy: &PolicyVersion) -> bool {
-        let Ok(mut users) = self.shared.users.lock() else {
-            return false;
-        };
-        let Some(state) = users.get_mut(self.user.name()) else {
-            return false;
-        };
-        state
-            .packets
-            .set_rate(policy.policy.limits(&self.user).max_packets_per_second);
-        state.packets.take(Instant::now())
+        self.shared.take_packet_token(&self.user, policy)
     }
 
     /// Handles datagrams waiting on an outbound socket: replies from targets.

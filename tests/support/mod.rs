@@ -225,6 +225,7 @@ pub struct SidecarBuilder {
     listen: String,
     relay: Option<RelayLink>,
     netns: Option<String>,
+    config: Option<PathBuf>,
 }
 
 impl Sidecar {
@@ -235,6 +236,7 @@ impl Sidecar {
             listen: "127.0.0.1:0".to_owned(),
             relay: None,
             netns: None,
+            config: None,
         }
     }
 
@@ -251,6 +253,11 @@ impl Sidecar {
     /// SIGTERM, then waits for exit; returns the full log.
     pub fn stop(self) -> Vec<String> {
         self.daemon.stop()
+    }
+
+    /// SIGKILL; returns the full log.
+    pub fn daemon_kill(self) -> Vec<String> {
+        self.daemon.kill()
     }
 }
 
@@ -284,6 +291,12 @@ impl SidecarBuilder {
 
     pub fn relay(mut self, link: RelayLink) -> Self {
         self.relay = Some(link);
+        self
+    }
+
+    /// A sidecar config file to start with (`--config`).
+    pub fn config(mut self, path: &Path) -> Self {
+        self.config = Some(path.to_path_buf());
         self
     }
 
@@ -322,6 +335,9 @@ impl SidecarBuilder {
             );
             std::fs::write(&path, text).expect("write sidecar config");
             cmd.arg("--config").arg(&path);
+        }
+        if let Some(path) = &self.config {
+            cmd.arg("--config").arg(path);
         }
         let daemon = Daemon::spawn(cmd);
         Sidecar {

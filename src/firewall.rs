@@ -1,0 +1,368 @@
+//! The kernel side of transparent interception: an nftables table and policy routing.
+//!
+//! The ruleset *text* is made by a pure function from the managed users and groups; a thin shell
+//! applies it with `nft -f` in **one transaction** (create-if-missing, delete, recreate — the old
+//! table is replaced atomically or not at all). What the table does:
+//!
+//! ```text
+//! output   (route hook, mangle)   managed user's/group's UDP, not to loopback:
+//!                                 mark it (policy routing then delivers it locally) and mark its
+//!                                 conntrack entry
+//! prerouting (filter, mangle)     marked UDP: TPROXY to veil's listener on 127.0.0.1 / ::1;
+//!                                 then DROP — tproxy falls through when nothing listens, so with
+//!                                 the daemon dead the packet is dropped, never sent
+//! killswitch (filter, postrouting) managed user's UDP that would leave on any interface but
+//!                                 lo: DROP (postrouting, because only there is the device the
+//!                                 one chosen after the mark re-routed the packet)
+//! input    (filter, input)        UDP from outside to a flow veil intercepted (its conntrack
+//!                                 mark): DROP — replies must come through veil
+//! ```
+//!
+//! Policy routing adds a second lock that does not depend on nftables: managed users' UDP
+//! (`ip rule uidrange … ipproto udp`) is routed to `veil0`, one end of a veth pair whose other
+//! end (`veil0x`) stays down, so everything sent there is discarded (a veth rather than a dummy
+//! device, because veth is in every kernel that runs network namespaces). Intercepted packets are re-routed by their mark before that matters; if another
+//! tool flushes the nftables ruleset, they fall to `veil0` instead of the real interface — so
+//! even a flushed firewall leaks nothing while veil reinstalls its table.
+//!
+//! The table stays when the daemon stops, crashes or is killed: only `veil firewall remove`
+//! takes it away.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+/// The nftables table veil owns (family `inet`).
+pub const TABLE: &str = "veil";
+/// The default fwmark of intercepted packets (also the policy-routing table number).
+pub const DEFAULT_MARK: u32 = 0x1e11;
+/// The device that swallows managed users' UDP if it is ever routed normally.
+pub const DISCARD_DEVICE: &str = "veil0";
+/// Its veth peer, which stays down.
+const DISCARD_PEER: &str = "veil0x";
+/// The default TPROXY listener port.
+pub const DEFAULT_PORT: u16 = 15_353;
+
+/// Who is intercepted and where their UDP goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interception {
+    /// Managed users by uid (never 0).
+    pub uids: Vec<u32>,
+    /// Managed groups by gid (never 0).
+    pub gids: Vec<u32>,
+    /// Every uid the discard route covers: the managed users and the members of the managed
+    /// groups (policy routing matches users only).
+    pub routed_uids: Vec<u32>,
+    /// The TPROXY listener port on 127.0.0.1 and ::1.
+    pub port: u16,
+    /// The fwmark (and routing table) for intercepted packets.
+    pub mark: u32,
+}
+
+/// Why the firewall could not be changed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A command could not be run.
+    #[error("running {command}: {source}")]
+    Spawn {
+        /// The command.
+        command: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A command failed.
+    #[error("{command} failed: {stderr}")]
+    Failed {
+        /// The command.
+        command: String,
+        /// What it printed.
+        stderr: String,
+    },
+}
+
+fn set(out: &mut String, name: &str, kind: &str, ids: &[u32]) {
+    let _ = writeln!(out, "  set {name} {{\n    type {kind}");
+    if !ids.is_empty() {
+        let list: Vec<String> = ids.iter().map(u32::to_string).collect();
+        let _ = writeln!(out, "    elements = {{ {} }}", list.join(", "));
+    }
+    out.push_str("  }\n");
+}
+
+/// The complete `nft -f` input that installs (or atomically replaces) veil's table.
+pub fn ruleset(i: &Interception) -> String {
+    let mark = format!("{:#x}", i.mark);
+    let port = i.port;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{"
+    );
+    set(&mut out, "managed_uids", "uid", &i.uids);
+    set(&mut out, "managed_gids", "gid", &i.gids);
+    out.push_str("  chain output {\n    type route hook output priority mangle; policy accept;\n");
+    for who in ["meta skuid @managed_uids", "meta skgid @managed_gids"] {
+        let _ = writeln!(
+            out,
+            "    meta l4proto udp {who} ip daddr 127.0.0.0/8 return"
+        );
+        let _ = writeln!(out, "    meta l4proto udp {who} ip6 daddr ::1 return");
+        let _ = writeln!(
+            out,
+            "    meta l4proto udp {who} meta mark set {mark} ct mark set {mark}"
+        );
+    }
+    out.push_str("  }\n");
+    let _ = writeln!(
+        out,
+        "  chain prerouting {{\n    type filter hook prerouting priority mangle; policy accept;\n    \
+         meta l4proto udp meta mark {mark} meta nfproto ipv4 tproxy ip to 127.0.0.1:{port} accept\n    \
+         meta l4proto udp meta mark {mark} meta nfproto ipv6 tproxy ip6 to [::1]:{port} accept\n    \
+         meta l4proto udp meta mark {mark} drop\n  }}"
+    );
+    out.push_str(
+        "  chain killswitch {\n    type filter hook postrouting priority filter; policy accept;\n",
+    );
+    for who in ["meta skuid @managed_uids", "meta skgid @managed_gids"] {
+        let _ = writeln!(out, "    meta l4proto udp {who} oifname != \"lo\" drop");
+    }
+    out.push_str("  }\n");
+    let _ = writeln!(
+        out,
+        "  chain input {{\n    type filter hook input priority filter; policy accept;\n    \
+         meta l4proto udp iifname != \"lo\" ct mark {mark} drop\n  }}\n}}"
+    );
+    out
+}
+
+fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Error> {
+    let command = format!("{program} {}", args.join(" "));
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| Error::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        let _ = pipe.write_all(text.as_bytes());
+    }
+    let out = child.wait_with_output().map_err(|source| Error::Spawn {
+        command: command.clone(),
+        source,
+    })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(Error::Failed {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// Installs or replaces the table in one transaction, then the policy routing: marked packets
+/// are delivered locally (to the TPROXY listener), and managed users' other UDP goes to the
+/// discard device.
+pub fn install(i: &Interception) -> Result<(), Error> {
+    // Routing first: the discard route must be in place before anything is marked.
+    if run("ip", &["link", "show", DISCARD_DEVICE], None).is_err() {
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                DISCARD_DEVICE,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                DISCARD_PEER,
+            ],
+            None,
+        )?;
+        run("ip", &["link", "set", DISCARD_PEER, "down"], None)?;
+    }
+    run("ip", &["link", "set", DISCARD_DEVICE, "up"], None)?;
+    let mark = format!("{:#x}", i.mark);
+    let local_table = i.mark.to_string();
+    let discard_table = (i.mark + 1).to_string();
+    for (family, all) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
+        run(
+            "ip",
+            &[
+                family,
+                "route",
+                "replace",
+                "local",
+                all,
+                "dev",
+                "lo",
+                "table",
+                &local_table,
+            ],
+            None,
+        )?;
+        run(
+            "ip",
+            &[
+                family,
+                "route",
+                "replace",
+                "default",
+                "dev",
+                DISCARD_DEVICE,
+                "table",
+                &discard_table,
+            ],
+            None,
+        )?;
+        let rules = run("ip", &[family, "rule", "show"], None)?;
+        if !rules.contains(&format!("fwmark {mark} lookup {local_table}")) {
+            run(
+                "ip",
+                &[
+                    family,
+                    "rule",
+                    "add",
+                    "fwmark",
+                    &mark,
+                    "lookup",
+                    &local_table,
+                    "priority",
+                    &local_table,
+                ],
+                None,
+            )?;
+        }
+        for uid in &i.routed_uids {
+            let range = format!("{uid}-{uid}");
+            if !rules.contains(&format!(
+                "uidrange {range} ipproto udp lookup {discard_table}"
+            )) {
+                run(
+                    "ip",
+                    &[
+                        family,
+                        "rule",
+                        "add",
+                        "uidrange",
+                        &range,
+                        "ipproto",
+                        "udp",
+                        "lookup",
+                        &discard_table,
+                        "priority",
+                        &discard_table,
+                    ],
+                    None,
+                )?;
+            }
+        }
+    }
+    run("nft", &["-f", "-"], Some(&ruleset(i)))?;
+    Ok(())
+}
+
+/// True if veil's table is installed and has every chain.
+pub fn is_intact() -> bool {
+    run("nft", &["list", "table", "inet", TABLE], None).is_ok_and(|listing| {
+        [
+            "chain output",
+            "chain prerouting",
+            "chain killswitch",
+            "chain input",
+            "tproxy",
+        ]
+        .iter()
+        .all(|part| listing.contains(part))
+    })
+}
+
+/// Removes the table and the policy routing (`veil firewall remove`).
+pub fn remove(mark: u32) -> Result<(), Error> {
+    let _ = run("nft", &["delete", "table", "inet", TABLE], None);
+    for table in [mark.to_string(), (mark + 1).to_string()] {
+        for family in ["-4", "-6"] {
+            while run("ip", &[family, "rule", "del", "lookup", &table], None).is_ok() {}
+            let _ = run("ip", &[family, "route", "flush", "table", &table], None);
+        }
+    }
+    let _ = run("ip", &["link", "del", DISCARD_DEVICE], None);
+    if is_intact() {
+        return Err(Error::Failed {
+            command: format!("nft delete table inet {TABLE}"),
+            stderr: "the table is still there".to_owned(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ruleset_replaces_atomically_and_drops_behind_tproxy() {
+        let text = ruleset(&Interception {
+            uids: vec![1001, 1002],
+            gids: vec![],
+            routed_uids: vec![1001, 1002],
+            port: 15353,
+            mark: 0x1e11,
+        });
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        assert_eq!(
+            &lines[..3],
+            [
+                "table inet veil",
+                "delete table inet veil",
+                "table inet veil {"
+            ]
+        );
+        assert!(lines.contains(&"elements = { 1001, 1002 }"));
+        // An empty set has no elements line (nft rejects `{ }`).
+        let gids = lines
+            .iter()
+            .position(|l| *l == "set managed_gids {")
+            .expect("gid set");
+        assert_eq!(lines[gids + 2], "}");
+        // Every tproxy rule is followed by a drop of the same mark.
+        let v6 = lines
+            .iter()
+            .position(|l| l.contains("tproxy ip6 to [::1]:15353 accept"))
+            .expect("v6 tproxy");
+        assert!(lines[v6 - 1].contains("tproxy ip to 127.0.0.1:15353 accept"));
+        assert_eq!(lines[v6 + 1], "meta l4proto udp meta mark 0x1e11 drop");
+        assert!(
+            lines.contains(&"meta l4proto udp meta skuid @managed_uids oifname != \"lo\" drop")
+        );
+        assert!(lines.contains(&"meta l4proto udp iifname != \"lo\" ct mark 0x1e11 drop"));
+    }
+
+    #[test]
+    fn ruleset_is_accepted_by_nft() {
+        // `nft -c` checks syntax without touching the kernel's ruleset; it needs nftables
+        // installed (tests/run.sh does) and CAP_NET_ADMIN for the netlink cache.
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "needs root (tests/run.sh runs as root in CI)"
+        );
+        let text = ruleset(&Interception {
+            uids: vec![65534],
+            gids: vec![65534],
+            routed_uids: vec![65534],
+            port: 15353,
+            mark: 0x1e11,
+        });
+        let out = run("nft", &["-c", "-f", "-"], Some(&text));
+        assert!(out.is_ok(), "{out:?}\n{text}");
+    }
+}

@@ -1,0 +1,349 @@
+//! Transparent interception of unmodified apps: the TPROXY listener and one task per app socket.
+//!
+//! The kernel ([`crate::firewall`]) delivers every UDP datagram of a managed user to veil's
+//! transparent sockets on 127.0.0.1 / ::1, with the original destination in an
+//! `IP(V6)_ORIGDSTADDR` control message. Each app socket (source address and port) becomes one
+//! task that owns one relay bind — one public address for all its peers, as ICE needs — and
+//! decides each destination with the same policy and [`Association`] state machine as SOCKS5.
+//! Replies reach the app from a transparent socket bound to the peer's address, so the app sees
+//! its peer, never veil.
+
+use crate::identity;
+use crate::policy::{User, Verdict};
+use crate::socks5::association::{Association, DropReason};
+use crate::socks5::server::{Handle, Shared, log_decision, send_now, take_session_slot};
+use crate::tunnel::{Bind, SendError, TunnelState};
+use bytes::Bytes;
+use nix::sys::socket::{
+    ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, setsockopt, sockopt,
+};
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// How long an app socket may be silent before its task (and relay bind) ends.
+const APP_IDLE: Duration = Duration::from_secs(120);
+/// Datagrams queued per app socket while its task is busy (e.g. opening the bind).
+const APP_QUEUE: usize = 256;
+/// Transparent reply sockets kept open (one per peer address).
+const MAX_REPLY_SOCKETS: usize = 4096;
+
+/// Why the listener could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A socket could not be set up (needs CAP_NET_ADMIN).
+    #[error("transparent listener on {0}: {1}")]
+    Socket(SocketAddr, io::Error),
+}
+
+fn transparent_socket(addr: SocketAddr) -> io::Result<socket2::Socket> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, None)?;
+    s.set_reuse_address(true)?;
+    // IP_TRANSPARENT is honoured on IPv6 sockets too (the kernel shares the flag).
+    setsockopt(&s, sockopt::IpTransparent, &true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+/// A listener socket: transparent, and reporting each datagram's original destination.
+fn listener(addr: SocketAddr) -> Result<UdpSocket, Error> {
+    let fail = |e: io::Error| Error::Socket(addr, e);
+    let s = transparent_socket(addr).map_err(fail)?;
+    if addr.is_ipv4() {
+        setsockopt(&s, sockopt::Ipv4OrigDstAddr, &true).map_err(|e| fail(e.into()))?;
+    } else {
+        setsockopt(&s, sockopt::Ipv6OrigDstAddr, &true).map_err(|e| fail(e.into()))?;
+    }
+    s.bind(&addr.into()).map_err(fail)?;
+    UdpSocket::from_std(s.into()).map_err(fail)
+}
+
+/// One received datagram: who sent it, where it was going, how long it is.
+fn receive(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<(SocketAddr, SocketAddr, usize)> {
+    socket.try_io(Interest::READABLE, || {
+        let fd = socket.as_raw_fd();
+        let mut iov = [io::IoSliceMut::new(buf)];
+        let mut cmsg = nix::cmsg_space!(nix::libc::sockaddr_in6);
+        let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())
+            .map_err(io::Error::from)?;
+        let source = msg
+            .address
+            .and_then(|a| {
+                a.as_sockaddr_in()
+                    .map(|v4| SocketAddr::from((v4.ip(), v4.port())))
+                    .or_else(|| {
+                        a.as_sockaddr_in6()
+                            .map(|v6| SocketAddr::from((v6.ip(), v6.port())))
+                    })
+            })
+            .ok_or_else(|| io::Error::other("datagram without a source address"))?;
+        let mut original = None;
+        for c in msg.cmsgs().map_err(io::Error::from)? {
+            match c {
+                ControlMessageOwned::Ipv4OrigDstAddr(sin) => {
+                    let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                    original = Some(SocketAddr::V4(SocketAddrV4::new(
+                        ip,
+                        u16::from_be(sin.sin_port),
+                    )));
+                }
+                ControlMessageOwned::Ipv6OrigDstAddr(sin6) => {
+                    let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                    original = Some(SocketAddr::V6(SocketAddrV6::new(
+                        ip,
+                        u16::from_be(sin6.sin6_port),
+                        0,
+                        0,
+                    )));
+                }
+                _ => {}
+            }
+        }
+        let original = original
+            .ok_or_else(|| io::Error::other("datagram without its original destination"))?;
+        Ok((source, original, msg.bytes))
+    })
+}
+
+/// Transparent sockets bound to peers' addresses, to answer apps as their peers.
+#[derive(Debug, Default)]
+struct ReplySockets {
+    sockets: Mutex<HashMap<SocketAddr, Arc<socket2::Socket>>>,
+}
+
+impl ReplySockets {
+    fn send(&self, from: SocketAddr, to: SocketAddr, payload: &[u8]) -> io::Result<usize> {
+        let socket = {
+            let mut map = self
+                .sockets
+                .lock()
+                .map_err(|_| io::Error::other("poisoned"))?;
+            match map.get(&from) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = transparent_socket(from)?;
+                    s.bind(&from.into())?;
+                    let s = Arc::new(s);
+                    if map.len() >= MAX_REPLY_SOCKETS {
+                        map.clear();
+                    }
+                    map.insert(from, s.clone());
+                    s
+                }
+            }
+        };
+        socket.send_to(payload, &to.into())
+    }
+}
+
+/// Runs the transparent listener on `port` of 127.0.0.1 (and ::1 if the host has IPv6) until
+/// `shutdown`.
+pub async fn run(handle: Handle, port: u16, shutdown: CancellationToken) -> Result<(), Error> {
+    let v4 = listener(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
+    let v6 = match listener(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(error = %e, "no IPv6 transparent listener; IPv6 UDP of managed users is dropped by the firewall");
+            None
+        }
+    };
+    info!(port, "transparent interception ready");
+    let replies = Arc::new(ReplySockets::default());
+    let mut apps: HashMap<SocketAddr, mpsc::Sender<(SocketAddr, Bytes)>> = HashMap::new();
+    let mut buf = vec![0u8; 65_536];
+    let mut sweep = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        let socket = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = v4.readable() => r.map(|()| &v4),
+            r = async { match &v6 { Some(s) => s.readable().await.map(|()| s), None => std::future::pending().await } } => r,
+            _ = sweep.tick() => {
+                apps.retain(|_, tx| !tx.is_closed());
+                continue;
+            }
+        };
+        let Ok(socket) = socket else { continue };
+        for _ in 0..64 {
+            let (source, original, n) = match receive(socket, &mut buf) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    debug!(error = %e, "transparent receive failed");
+                    break;
+                }
+            };
+            let source = SocketAddr::new(source.ip().to_canonical(), source.port());
+            let payload = Bytes::copy_from_slice(buf.get(..n).unwrap_or_default());
+            let tx = match apps.get(&source).filter(|tx| !tx.is_closed()) {
+                Some(tx) => tx.clone(),
+                None => {
+                    let (tx, rx) = mpsc::channel(APP_QUEUE);
+                    let (handle, replies, token) =
+                        (handle.clone(), replies.clone(), shutdown.child_token());
+                    tokio::spawn(async move { app(handle, source, rx, replies, token).await });
+                    apps.insert(source, tx.clone());
+                    tx
+                }
+            };
+            if tx.try_send((original, payload)).is_err() {
+                handle.shared.counters.drop(DropReason::SendFailed);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The user who owns the app socket that sent from `source`.
+fn owner(source: SocketAddr) -> Option<User> {
+    let uid = identity::udp_source_uid(source).ok()??;
+    identity::user_of_uid(uid).ok()
+}
+
+async fn next_relayed(bind: Option<&mut Bind>) -> Option<(SocketAddr, Bytes)> {
+    match bind {
+        Some(b) => b.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn direct_readable(socket: Option<&UdpSocket>) -> io::Result<()> {
+    match socket {
+        Some(s) => s.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One app socket: decides its flows, sends them, and answers the app as its peers.
+async fn app(
+    handle: Handle,
+    source: SocketAddr,
+    mut rx: mpsc::Receiver<(SocketAddr, Bytes)>,
+    replies: Arc<ReplySockets>,
+    shutdown: CancellationToken,
+) {
+    let shared: &Shared = &handle.shared;
+    let Some(user) = owner(source) else {
+        warn!(client = %source, "cannot tell who owns the app socket; its UDP is dropped");
+        while rx.try_recv().is_ok() {
+            shared.counters.drop(DropReason::ForeignSource);
+        }
+        return;
+    };
+    let limits = shared.policy.load().policy.limits(&user);
+    let Some(_slot) = take_session_slot(shared, &user, limits.max_associations) else {
+        info!(user = %user, client = %source, "app socket refused: too many sessions");
+        return;
+    };
+    let mut association = Association::new(source.ip(), limits.max_flows_per_association);
+    let _ = association.admit_client(source);
+    let mut bind = match &shared.config.tunnel {
+        Some(t) if t.state() == TunnelState::Connected => {
+            match tokio::time::timeout(Duration::from_secs(3), t.open_bind(user.name())).await {
+                Ok(Ok(b)) => Some(b),
+                Ok(Err(e)) => {
+                    warn!(user = %user, client = %source, error = %e, "relay bind failed; relayed traffic is dropped");
+                    None
+                }
+                Err(_) => None,
+            }
+        }
+        _ => None,
+    };
+    let public = bind.as_ref().map(|b| b.public_address().to_string());
+    info!(user = %user, client = %source, relay_public = public.as_deref().unwrap_or("none"), "app socket intercepted");
+    let mut direct: Option<UdpSocket> = None;
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(APP_IDLE) => break,
+            packet = rx.recv() => {
+                let Some((target, payload)) = packet else { break };
+                let policy = shared.policy.load();
+                let decision = match association.decide(target, &payload, &policy, &user) {
+                    Ok(d) => d,
+                    Err(reason) => { shared.counters.drop(reason); continue; }
+                };
+                if decision.changed {
+                    log_decision(shared, &user, source, target, &decision.decision);
+                }
+                if decision.decision.verdict == Verdict::Block {
+                    shared.counters.drop(DropReason::Blocked);
+                    continue;
+                }
+                if !shared.take_packet_token(&user, &policy) {
+                    shared.counters.drop(DropReason::RateLimit);
+                    continue;
+                }
+                if decision.decision.verdict == Verdict::Relay {
+                    if bind.is_none()
+                        && let Some(t) = &shared.config.tunnel
+                        && t.state() == TunnelState::Connected
+                    {
+                        bind = t.open_bind(user.name()).await.ok();
+                    }
+                    match bind.as_mut().map(|b| b.send(target, &payload)) {
+                        Some(Ok(())) => { shared.counters.relayed_out.fetch_add(1, Ordering::Relaxed); }
+                        Some(Err(SendError::TooLarge)) => shared.counters.drop(DropReason::TooLarge),
+                        Some(Err(SendError::Closed)) => { bind = None; shared.counters.drop(DropReason::RelayUnavailable); }
+                        None => shared.counters.drop(DropReason::RelayUnavailable),
+                    }
+                    continue;
+                }
+                if direct.is_none() {
+                    let any: SocketAddr = if target.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+                    direct = UdpSocket::bind(any).await.ok();
+                }
+                match direct.as_ref().map(|s| send_now(s, &payload, target)) {
+                    Some(Ok(_)) => { shared.counters.datagrams_out.fetch_add(1, Ordering::Relaxed); }
+                    _ => shared.counters.drop(DropReason::SendFailed),
+                }
+            }
+            inbound = next_relayed(bind.as_mut()) => match inbound {
+                Some((peer, payload)) => {
+                    let policy = shared.policy.load();
+                    match association.admit_peer(peer, Verdict::Relay, &policy, &user) {
+                        Ok(app) => match replies.send(peer, app, &payload) {
+                            Ok(_) => { shared.counters.relayed_in.fetch_add(1, Ordering::Relaxed); }
+                            Err(e) => { debug!(error = %e, peer = %peer, "reply failed"); shared.counters.drop(DropReason::SendFailed); }
+                        },
+                        Err(reason) => shared.counters.drop(reason),
+                    }
+                }
+                None => bind = None,
+            },
+            r = direct_readable(direct.as_ref()) => {
+                if r.is_err() { direct = None; continue; }
+                while let Some(Ok((n, peer))) = direct.as_ref().map(|s| s.try_recv_from(&mut buf)) {
+                    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+                    let policy = shared.policy.load();
+                    match association.admit_peer(peer, Verdict::Direct, &policy, &user) {
+                        Ok(app) => match replies.send(peer, app, buf.get(..n).unwrap_or_default()) {
+                            Ok(_) => { shared.counters.datagrams_in.fetch_add(1, Ordering::Relaxed); }
+                            Err(_) => shared.counters.drop(DropReason::SendFailed),
+                        },
+                        Err(reason) => shared.counters.drop(reason),
+                    }
+                }
+            }
+        }
+    }
+    info!(user = %user, client = %source, flows = association.flow_count(), "app socket released");
+}
