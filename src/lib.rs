@@ -6,6 +6,7 @@ pub mod firewall;
 pub mod identity;
 pub mod intercept;
 pub mod masque;
+pub mod notify;
 pub mod pki;
 pub mod policy;
 pub mod rate;

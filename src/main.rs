@@ -425,8 +425,11 @@ async fn relay(path: &Path) -> anyhow::Result<()> {
     let handle = relay.handle();
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(relay.run(shutdown.clone()));
+    let _ = veil::notify::notify("READY=1\nSTATUS=serving");
+    tokio::spawn(watchdog(shutdown.clone()));
     wait_for_stop().await?;
     info!("shutting down");
+    let _ = veil::notify::notify("STOPPING=1");
     shutdown.cancel();
     let _ = run.await;
     for (name, value) in handle.counters().snapshot() {
@@ -454,6 +457,35 @@ async fn guard_firewall(i: veil::firewall::Interception, shutdown: CancellationT
             }
         }
     }
+}
+
+/// Pings systemd's watchdog at half its interval while the runtime is alive.
+async fn watchdog(shutdown: CancellationToken) {
+    let Some(interval) = veil::notify::watchdog_interval() else {
+        return;
+    };
+    loop {
+        let _ = veil::notify::notify("WATCHDOG=1");
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval / 2) => {}
+        }
+    }
+}
+
+/// Tells systemd the sidecar is ready once the tunnel is up (or at once without a relay).
+async fn announce_ready(tunnel: Option<Tunnel>) {
+    if let Some(t) = tunnel {
+        let _ = veil::notify::notify("STATUS=waiting for the relay; managed traffic is blocked");
+        while !t
+            .wait_for(
+                veil::tunnel::TunnelState::Connected,
+                std::time::Duration::from_secs(3600),
+            )
+            .await
+        {}
+    }
+    let _ = veil::notify::notify("READY=1\nSTATUS=serving");
 }
 
 async fn wait_for_stop() -> anyhow::Result<()> {
@@ -533,9 +565,11 @@ async fn serve_sidecar(
     interception: Option<veil::firewall::Interception>,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
+    let tunnel = config.tunnel.clone();
     let server = Server::bind(config, policy).await?;
     let addr = server.local_addr()?;
     let handle = server.handle();
+    let reinstall = interception.clone();
     if let Some(i) = interception {
         let (h, token) = (handle.clone(), shutdown.clone());
         let port = i.port;
@@ -551,6 +585,8 @@ async fn serve_sidecar(
         println!("{banner}");
     }
     let run = tokio::spawn(server.run(shutdown.clone()));
+    tokio::spawn(announce_ready(tunnel));
+    tokio::spawn(watchdog(shutdown.clone()));
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -561,8 +597,15 @@ async fn serve_sidecar(
             _ = hangup.recv() => match &policy_dir {
                 Some(dir) => match load_policy(dir) {
                     Ok(p) => {
+                        let _ = veil::notify::reloading();
+                        if let Some(i) = &reinstall
+                            && let Err(e) = veil::firewall::install(i)
+                        {
+                            error!(error = %e, "reapplying the firewall failed; the previous table stays");
+                        }
                         let generation = handle.reload(p);
                         info!(generation, dir = %dir.display(), "policy reloaded");
+                        let _ = veil::notify::notify("READY=1");
                     }
                     Err(errors) => {
                         for e in &errors.0 {
@@ -576,6 +619,7 @@ async fn serve_sidecar(
         }
     }
     info!("shutting down");
+    let _ = veil::notify::notify("STOPPING=1");
     shutdown.cancel();
     let _ = run.await;
     for (name, value) in handle.counters().snapshot() {

@@ -11,7 +11,7 @@ FUZZ_SECONDS=${FUZZ_SECONDS:-20}
 step() { printf '\n==> %s\n' "$*"; }
 
 step "system packages"
-packages=(nftables tcpdump dante-server iproute2 curl util-linux)
+packages=(nftables tcpdump dante-server iproute2 curl util-linux systemd python3-minimal)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
