@@ -268,6 +268,7 @@ async fn app(
     };
     let public = bind.as_ref().map(|b| b.public_address().to_string());
     info!(user = %user, client = %source, relay_public = public.as_deref().unwrap_or("none"), "app socket intercepted");
+    let live = shared.registry.open(user.name(), source, "transparent");
     let mut direct: Option<UdpSocket> = None;
     let mut buf = vec![0u8; 65_536];
     loop {
@@ -283,6 +284,7 @@ async fn app(
                 };
                 if decision.changed {
                     log_decision(shared, &user, source, target, &decision.decision);
+                    live.flow(target, &decision.decision);
                 }
                 if decision.decision.verdict == Verdict::Block {
                     shared.counters.drop(DropReason::Blocked);

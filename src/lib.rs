@@ -2,6 +2,7 @@
 //!
 //! The library holds all logic; `src/main.rs` is a thin command-line shell around it.
 
+pub mod control;
 pub mod firewall;
 pub mod identity;
 pub mod intercept;
@@ -13,5 +14,6 @@ pub mod rate;
 pub mod relay;
 pub mod sidecar;
 pub mod socks5;
+pub mod status;
 pub mod traffic;
 pub mod tunnel;

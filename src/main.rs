@@ -59,12 +59,21 @@ enum Cmd {
         /// File of `NAME:HASH` lines (from `veil passwd`); makes every client log in.
         #[arg(long)]
         passwords: Option<PathBuf>,
+        /// The `veil status` control socket (default /run/veil/control).
+        #[arg(long)]
+        control: Option<PathBuf>,
     },
     /// Run the relay: MASQUE CONNECT-UDP (with bind) and CONNECT over HTTP/3.
     Relay {
         /// The relay configuration file.
         #[arg(long, default_value = "/etc/veil/relay.toml")]
         config: PathBuf,
+    },
+    /// Ask the running sidecar what it is doing (root only).
+    Status {
+        /// The sidecar's control socket.
+        #[arg(long, default_value = veil::control::DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
     /// Check a policy directory with the daemon's own loader; exit 0 if good, 64 if not.
     Check {
@@ -123,6 +132,25 @@ fn main() -> ExitCode {
             clients,
         } => report(write_pki(&dir, &relay_names, &clients)),
         Cmd::Firewall { action } => report(firewall(action)),
+        Cmd::Status { socket } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let result = runtime.map_err(anyhow::Error::from).and_then(|rt| {
+                rt.block_on(veil::control::request_status(&socket))
+                    .with_context(|| format!("asking the sidecar at {}", socket.display()))
+            });
+            match result {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("veil status: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         command => {
             init_tracing();
             let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -143,7 +171,8 @@ fn main() -> ExitCode {
                         listen,
                         policy_dir,
                         passwords,
-                    } => sidecar(config, listen, policy_dir, passwords).await,
+                        control,
+                    } => sidecar(config, listen, policy_dir, passwords, control).await,
                     Cmd::Relay { config } => relay(&config).await,
                     _ => Ok(()),
                 }
@@ -346,6 +375,7 @@ async fn sidecar(
     listen: Option<SocketAddr>,
     policy_dir: Option<PathBuf>,
     passwords: Option<PathBuf>,
+    control: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let mut settings = match &config_file {
         Some(path) => SidecarConfig::load(path).map_err(anyhow::Error::msg)?,
@@ -355,11 +385,14 @@ async fn sidecar(
             passwords: None,
             relay: None,
             transparent: None,
+            control: None,
+            metrics: None,
         },
     };
     settings.listen = listen.unwrap_or(settings.listen);
     settings.policy_dir = policy_dir.unwrap_or(settings.policy_dir);
     settings.passwords = passwords.or(settings.passwords);
+    settings.control = control.or(settings.control);
 
     let mut config = Config::new(settings.listen);
     if let Some(path) = &settings.passwords {
@@ -395,15 +428,41 @@ async fn sidecar(
         }
         None => None,
     };
+    let managed: Vec<String> = settings
+        .transparent
+        .as_ref()
+        .map(|t| {
+            t.users
+                .iter()
+                .cloned()
+                .chain(t.groups.iter().map(|g| format!("group {g}")))
+                .collect()
+        })
+        .unwrap_or_default();
+    let extras = Extras {
+        interception,
+        control: Some(veil::control::socket_path(settings.control.as_ref())),
+        metrics: settings.metrics,
+        managed,
+    };
     serve_sidecar(
         config,
         policy,
         Some(settings.policy_dir),
         shutdown,
         None,
-        interception,
+        extras,
     )
     .await
+}
+
+/// What a full sidecar runs beside the SOCKS5 server.
+#[derive(Default)]
+struct Extras {
+    interception: Option<veil::firewall::Interception>,
+    control: Option<PathBuf>,
+    metrics: Option<SocketAddr>,
+    managed: Vec<String>,
 }
 
 async fn relay(path: &Path) -> anyhow::Result<()> {
@@ -553,7 +612,15 @@ async fn up(listen: SocketAddr, allow: Vec<ipnet::IpNet>) -> anyhow::Result<()> 
         listen.ip(),
         listen.port()
     );
-    serve_sidecar(config, policy, None, shutdown, Some(banner), None).await
+    serve_sidecar(
+        config,
+        policy,
+        None,
+        shutdown,
+        Some(banner),
+        Extras::default(),
+    )
+    .await
 }
 
 async fn serve_sidecar(
@@ -562,8 +629,14 @@ async fn serve_sidecar(
     policy_dir: Option<PathBuf>,
     shutdown: CancellationToken,
     banner: Option<String>,
-    interception: Option<veil::firewall::Interception>,
+    extras: Extras,
 ) -> anyhow::Result<()> {
+    let Extras {
+        interception,
+        control,
+        metrics,
+        managed,
+    } = extras;
     use tokio::signal::unix::{SignalKind, signal};
     let tunnel = config.tunnel.clone();
     let server = Server::bind(config, policy).await?;
@@ -583,6 +656,30 @@ async fn serve_sidecar(
     info!(listen = %addr, "veil sidecar ready (SOCKS5)");
     if let Some(banner) = banner {
         println!("{banner}");
+    }
+    if let Some(path) = control {
+        match veil::control::bind_control(&path) {
+            Ok(listener) => {
+                tokio::spawn(veil::control::serve_control(
+                    listener,
+                    handle.clone(),
+                    managed,
+                    shutdown.clone(),
+                ));
+            }
+            // Status is for people; proxying goes on without it.
+            Err(e) => {
+                warn!(socket = %path.display(), error = %e, "no control socket: veil status will not answer")
+            }
+        }
+    }
+    if let Some(addr) = metrics {
+        let (h, token) = (handle.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = veil::control::serve_metrics(addr, h, token).await {
+                error!(error = %e, "metrics endpoint failed");
+            }
+        });
     }
     let run = tokio::spawn(server.run(shutdown.clone()));
     tokio::spawn(announce_ready(tunnel));

@@ -12,6 +12,9 @@
 //! certificate = "sidecar.crt"          # this sidecar's client certificate
 //! private_key = "sidecar.key"
 //!
+//! # control = "/run/veil/control"     # `veil status` socket (root only)
+//! # metrics = "127.0.0.1:9101"         # Prometheus text format; off by default, loopback only
+//!
 //! [transparent]                        # intercept these users' UDP in the kernel (TPROXY)
 //! users = ["alice"]
 //! groups = ["callers"]
@@ -67,6 +70,10 @@ pub struct SidecarConfig {
     pub relay: Option<RelaySettings>,
     /// Transparent interception, if any.
     pub transparent: Option<TransparentSettings>,
+    /// The `veil status` control socket (default `/run/veil/control`).
+    pub control: Option<PathBuf>,
+    /// The Prometheus endpoint (loopback only); off when unset.
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Deserialize)]
@@ -77,6 +84,8 @@ struct Raw {
     passwords: Option<String>,
     relay: Option<RawRelay>,
     transparent: Option<RawTransparent>,
+    control: Option<String>,
+    metrics: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -146,8 +155,23 @@ impl SidecarConfig {
             port: t.port.unwrap_or(crate::firewall::DEFAULT_PORT),
             mark: t.mark.unwrap_or(crate::firewall::DEFAULT_MARK),
         });
+        let metrics = match raw.metrics {
+            Some(m) => match m.get_ref().parse::<SocketAddr>() {
+                Ok(a) if a.ip().is_loopback() => Some(a),
+                _ => {
+                    return Err(at(
+                        m.span(),
+                        "metrics",
+                        &format!("expected a loopback IP:PORT, found {:?}", m.get_ref()),
+                    ));
+                }
+            },
+            None => None,
+        };
         Ok(Self {
             transparent,
+            control: raw.control.map(|c| base.join(c)),
+            metrics,
             listen,
             policy_dir: base.join(
                 raw.policy_dir

@@ -71,7 +71,7 @@ fn sidecar_config(pki: &Pki, dir: &std::path::Path) -> std::path::PathBuf {
     std::fs::write(
         &path,
         format!(
-            "[relay]\naddress = \"{RELAY}\"\nserver_name = \"{RELAY_IP}\"\nca = \"{}\"\ncertificate = \"{}\"\nprivate_key = \"{}\"\n\
+            "metrics = \"127.0.0.1:9101\"\n[relay]\naddress = \"{RELAY}\"\nserver_name = \"{RELAY_IP}\"\nca = \"{}\"\ncertificate = \"{}\"\nprivate_key = \"{}\"\n\
              [transparent]\nusers = [\"nobody\"]\n",
             pki.path("ca.crt").display(),
             pki.path("sidecar.crt").display(),
@@ -282,4 +282,120 @@ fn nothing_leaks_when_the_daemon_is_killed_stopped_or_its_table_flushed() {
             .any(|l| l.contains("192.0.2.2") && l.contains("203.0.113.2.7000")),
         "{seen:?}"
     );
+}
+
+/// Sends to two targets from one socket, waits for a go file, sends again.
+const TWO_PHASES: &str = r#"
+import os, socket, sys, time
+a, b, go = sys.argv[1], sys.argv[2], sys.argv[3]
+def addr(t):
+    h, p = t.rsplit(":", 1)
+    return (h, int(p))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(0.7)
+def ping(tag):
+    for t in (a, b):
+        try:
+            s.sendto(tag.encode(), addr(t))
+            data, frm = s.recvfrom(2048)
+            print("reply %s:%d %s" % (frm[0], frm[1], data.decode()), flush=True)
+        except OSError as e:
+            print("fail %s %s" % (t, tag), flush=True)
+ping("before")
+deadline = time.time() + 20
+while not os.path.exists(go) and time.time() < deadline:
+    time.sleep(0.05)
+ping("after")
+"#;
+
+#[test]
+fn reload_under_traffic_keeps_allowed_flows_and_cuts_the_others() {
+    let t = topology();
+    let pki = Pki::generate(RELAY_IP);
+    let relay = spawn_relay(
+        Some(&t.ns("l")),
+        &pki.relay_config("relay.toml", RELAY, "allow = [\"203.0.113.0/24\"]\n"),
+    );
+    let kept = UdpEcho::spawn_in(Some(&t.ns("e")), MANAGED_ECHO);
+    let cut = UdpEcho::spawn_in(Some(&t.ns("e")), "203.0.113.2:7002");
+    let config = sidecar_config(&pki, pki.dir.path());
+    let sidecar = start_sidecar(&t, &config);
+    assert!(
+        sidecar
+            .wait_log(&["tunnel connected"], Duration::from_secs(10))
+            .is_some()
+    );
+
+    let shared = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(
+        shared.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    let go = shared.path().join("go");
+    let child = t
+        .command("c", "setpriv")
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            TWO_PHASES,
+            MANAGED_ECHO,
+            "203.0.113.2:7002",
+        ])
+        .arg(&go)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sender");
+    assert!(
+        sidecar
+            .wait_log(
+                &["decision", "target=203.0.113.2:7002"],
+                Duration::from_secs(5)
+            )
+            .is_some()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    std::fs::write(
+        sidecar.policy_path().join("default.toml"),
+        "fallback = \"relay\"\n[[rule]]\nname = \"no-7002\"\nverdict = \"block\"\nnetworks = [\"203.0.113.0/24\"]\nports = [7002]\n",
+    )
+    .expect("new policy");
+    sidecar.hangup();
+    assert!(
+        sidecar
+            .wait_log(&["policy reloaded", "generation=2"], Duration::from_secs(5))
+            .is_some()
+    );
+    std::fs::write(&go, "").expect("go");
+    let out = child.wait_with_output().expect("sender");
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            format!("reply {MANAGED_ECHO} before"),
+            "reply 203.0.113.2:7002 before".to_owned(),
+            format!("reply {MANAGED_ECHO} after"),
+            "fail 203.0.113.2:7002 after".to_owned(),
+        ]
+    );
+    assert_eq!(
+        cut.seen().len(),
+        1,
+        "the cut flow got nothing after the reload"
+    );
+    assert_eq!(kept.seen().len(), 2);
+    assert!(
+        sidecar
+            .wait_log(&["verdict=block", "no-7002"], Duration::from_secs(2))
+            .is_some()
+    );
+    drop(sidecar);
+    drop(relay);
 }

@@ -137,6 +137,8 @@ pub(crate) struct Shared {
     pub(crate) counters: Counters,
     /// Bounds how many block decisions are logged per second.
     block_log: Mutex<TokenBucket>,
+    /// Live sessions and their flows, for status.
+    pub(crate) registry: Arc<crate::status::Registry>,
 }
 
 impl Shared {
@@ -175,6 +177,38 @@ impl Handle {
     pub fn counters(&self) -> &Counters {
         &self.shared.counters
     }
+
+    fn tunnel_state(&self) -> String {
+        match &self.shared.config.tunnel {
+            Some(t) => t.state().as_str().to_owned(),
+            None => "none (no relay configured: relayed traffic is dropped)".to_owned(),
+        }
+    }
+
+    /// The `veil status` report; `managed` names the transparently managed users and groups.
+    pub fn status_report(&self, managed: &[String]) -> String {
+        crate::status::report(
+            &self.tunnel_state(),
+            managed,
+            &self.shared.registry.snapshot(),
+            &self.counters().snapshot(),
+        )
+    }
+
+    /// The counters in Prometheus text format.
+    pub fn prometheus(&self) -> String {
+        let up = self
+            .shared
+            .config
+            .tunnel
+            .as_ref()
+            .is_some_and(|t| t.state() == TunnelState::Connected);
+        crate::status::prometheus(
+            up,
+            &self.shared.registry.snapshot(),
+            &self.counters().snapshot(),
+        )
+    }
 }
 
 /// A bound SOCKS5 server, ready to [`run`](Server::run).
@@ -203,6 +237,7 @@ impl Server {
             users: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             block_log: Mutex::new(TokenBucket::new(20, now)),
+            registry: Arc::new(crate::status::Registry::default()),
         });
         Ok(Self { listener, shared })
     }
@@ -623,6 +658,8 @@ struct Relay<'a> {
     last_attempt: Option<(Instant, u64)>,
     /// A relayed packet found no bind: open one.
     want_bind: bool,
+    /// This association in the status registry.
+    live: crate::status::LiveSession,
 }
 
 /// A datagram to a domain target whose name must be resolved first.
@@ -747,6 +784,7 @@ impl Relay<'_> {
         if decision.changed {
             let client = self.association.client().unwrap_or(target);
             log_decision(shared, &self.user, client, target, &decision.decision);
+            self.live.flow(target, &decision.decision);
         }
         if decision.decision.verdict == Verdict::Block {
             return shared.counters.drop(DropReason::Blocked);
@@ -954,6 +992,7 @@ async fn associate(
     let public = bind.as_ref().map(|b| b.public_address().to_string());
     info!(user = %user, client = %peer, udp = %bound, declared = %declared, relay_public = public.as_deref().unwrap_or("none"), "udp association open");
 
+    let live = shared.registry.open(user.name(), peer, "socks5");
     let mut relay = Relay {
         shared,
         user,
@@ -964,6 +1003,7 @@ async fn associate(
         names: HashMap::new(),
         max_names: usize::try_from(max_flows).unwrap_or(usize::MAX),
         want_bind: shared.config.tunnel.is_some() && bind.is_none(),
+        live,
         bind,
         opening: None,
         last_attempt: None,

@@ -250,6 +250,22 @@ impl Sidecar {
         self.policy.path()
     }
 
+    /// Runs `veil status` against this sidecar's control socket.
+    pub fn status(&self) -> String {
+        let out = veil()
+            .arg("status")
+            .arg("--socket")
+            .arg(self.policy.path().join(".control/socket"))
+            .output()
+            .expect("veil status");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// SIGTERM, then waits for exit; returns the full log.
     pub fn stop(self) -> Vec<String> {
         self.daemon.stop()
@@ -317,7 +333,9 @@ impl SidecarBuilder {
             .arg("--listen")
             .arg(&self.listen)
             .arg("--policy-dir")
-            .arg(dir.path());
+            .arg(dir.path())
+            .arg("--control")
+            .arg(dir.path().join(".control/socket"));
         if let Some(text) = &self.passwords {
             let path = dir.path().join(".passwords");
             std::fs::write(&path, text).expect("write passwords");
