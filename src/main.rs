@@ -695,13 +695,19 @@ async fn serve_sidecar(
                 Some(dir) => match load_policy(dir) {
                     Ok(p) => {
                         let _ = veil::notify::reloading();
-                        if let Some(i) = &reinstall
-                            && let Err(e) = veil::firewall::install(i)
-                        {
-                            error!(error = %e, "reapplying the firewall failed; the previous table stays");
+                        // The ruleset first, in one transaction; only if it went in is the new
+                        // policy swapped in, so old policy and old ruleset stay together.
+                        let applied = match &reinstall {
+                            Some(i) => veil::firewall::install(i),
+                            None => Ok(()),
+                        };
+                        match applied {
+                            Ok(()) => {
+                                let generation = handle.reload(p);
+                                info!(generation, dir = %dir.display(), "policy reloaded");
+                            }
+                            Err(e) => error!(error = %e, "policy reload refused: the firewall could not be applied; the running policy and ruleset stay"),
                         }
-                        let generation = handle.reload(p);
-                        info!(generation, dir = %dir.display(), "policy reloaded");
                         let _ = veil::notify::notify("READY=1");
                     }
                     Err(errors) => {

@@ -358,6 +358,17 @@ fn reload_under_traffic_keeps_allowed_flows_and_cuts_the_others() {
             .is_some()
     );
     std::thread::sleep(Duration::from_millis(500));
+    let capture = leak_capture(&t);
+
+    // A broken policy first: refused, and the running one stays.
+    std::fs::write(
+        sidecar.policy_path().join("default.toml"),
+        "fallback = \"maybe\"\n",
+    )
+    .expect("broken policy");
+    sidecar.hangup();
+    let refused = ["policy reload refused", "default.toml:1:12: fallback"];
+    assert!(sidecar.wait_log(&refused, Duration::from_secs(5)).is_some());
 
     std::fs::write(
         sidecar.policy_path().join("default.toml"),
@@ -395,6 +406,11 @@ fn reload_under_traffic_keeps_allowed_flows_and_cuts_the_others() {
         sidecar
             .wait_log(&["verdict=block", "no-7002"], Duration::from_secs(2))
             .is_some()
+    );
+    let leaked = capture.stop();
+    assert!(
+        leaked.is_empty(),
+        "UDP left the client directly during the reloads: {leaked:?}"
     );
     drop(sidecar);
     drop(relay);
