@@ -11,7 +11,7 @@ FUZZ_SECONDS=${FUZZ_SECONDS:-20}
 step() { printf '\n==> %s\n' "$*"; }
 
 step "system packages"
-packages=(nftables tcpdump dante-server iproute2 curl util-linux systemd python3-minimal)
+packages=(nftables tcpdump dante-server iproute2 curl util-linux systemd python3-minimal python3-venv coturn)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -32,6 +32,16 @@ if [ ! -x target/venv/bin/python ]; then
 fi
 target/venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
 export VEIL_TEST_PYTHON="$PWD/target/venv/bin/python"
+
+step "calling apps for the end-to-end calls (a venv the unprivileged test user can run)"
+CALL_VENV=${VEIL_CALL_VENV:-/opt/veil-test/venv}
+if [ ! -x "$CALL_VENV/bin/python" ]; then
+  mkdir -p "$(dirname "$CALL_VENV")"
+  /usr/bin/python3 -m venv "$CALL_VENV"
+fi
+"$CALL_VENV/bin/pip" install -q --disable-pip-version-check -r tests/call-requirements.txt
+chmod -R a+rX "$(dirname "$CALL_VENV")"
+export VEIL_CALL_PYTHON="$CALL_VENV/bin/python"
 
 step "format and lints"
 cargo fmt --check

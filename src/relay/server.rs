@@ -101,9 +101,25 @@ struct Shared {
     binds_total: AtomicU32,
     counters: RelayCounters,
     started: Instant,
+    /// Ports of the live binds on the public address: the only own-address destinations.
+    bind_ports: Mutex<HashSet<u16>>,
 }
 
 impl Shared {
+    /// True if `peer` is one of this relay's own live bind sockets.
+    fn is_hairpin(&self, peer: SocketAddr) -> bool {
+        peer.ip().to_canonical() == self.config.public_address.to_canonical()
+            && self
+                .bind_ports
+                .lock()
+                .is_ok_and(|p| p.contains(&peer.port()))
+    }
+
+    /// Whether a bind may send to `peer`: the egress policy, or another bind of this relay.
+    fn may_send_to(&self, peer: SocketAddr) -> bool {
+        self.is_hairpin(peer) || self.egress.check(peer).is_ok()
+    }
+
     /// Charges one datagram of `len` bytes to `user`; false if over quota.
     fn charge(&self, user: &str, len: usize) -> bool {
         let now = Instant::now();
@@ -223,7 +239,11 @@ impl Tunnel {
             let Ok(mut permitted) = self.permitted.lock() else {
                 return;
             };
-            if !permitted.contains(&peer.ip()) {
+            if shared.is_hairpin(peer) {
+                // Another bind of this relay (two masked users calling each other): allowed,
+                // judged per packet, never cached as a permitted IP.
+                permitted.insert(peer.ip());
+            } else if !permitted.contains(&peer.ip()) || peer.ip() == shared.config.public_address {
                 if let Err(refusal) = shared.egress.check(peer) {
                     debug!(user = %self.user, target = %peer, reason = %refusal, "egress denied");
                     return bump(&c.dropped_egress);
@@ -313,6 +333,7 @@ impl Relay {
             binds_total: AtomicU32::new(0),
             counters: RelayCounters::default(),
             started: Instant::now(),
+            bind_ports: Mutex::new(HashSet::new()),
         });
         Ok(Self { endpoint, shared })
     }
@@ -697,8 +718,15 @@ async fn serve_udp(
     if let Ok(mut t) = tunnels.lock() {
         t.insert(quarter, tunnel.clone());
     }
+    let hairpin_port = fixed.is_none().then_some(bound.port());
+    if let (Some(port), Ok(mut ports)) = (hairpin_port, shared.bind_ports.lock()) {
+        ports.insert(port);
+    }
     if stream.send_response(resp).await.is_err() {
         tunnels.lock().map(|mut t| t.remove(&quarter)).ok();
+        if let (Some(port), Ok(mut ports)) = (hairpin_port, shared.bind_ports.lock()) {
+            ports.remove(&port);
+        }
         return;
     }
     bump(&shared.counters.requests_accepted);
@@ -753,6 +781,9 @@ async fn serve_udp(
         }
     };
     tunnels.lock().map(|mut t| t.remove(&quarter)).ok();
+    if let (Some(port), Ok(mut ports)) = (hairpin_port, shared.bind_ports.lock()) {
+        ports.remove(&port);
+    }
     let _ = stream.finish().await;
     info!(user = %user, public = %bound, reason, "udp tunnel closed");
 }
@@ -767,7 +798,7 @@ fn handle_capsules(shared: &Shared, tunnel: &Tunnel, buf: &mut Vec<u8>) -> Resul
         if let Mode::Bind(contexts) = &tunnel.mode {
             let mut table = contexts.lock().map_err(|_| "lock poisoned".to_owned())?;
             let reply = table
-                .on_capsule(&capsule, |peer| shared.egress.check(peer).is_ok())
+                .on_capsule(&capsule, |peer| shared.may_send_to(peer))
                 .map_err(|e| e.to_string())?;
             if let Some(reply) = reply {
                 reply.encode(&mut replies);

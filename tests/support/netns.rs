@@ -125,10 +125,19 @@ pub struct Capture {
 impl Capture {
     /// Starts capturing on `role`'s interface with a pcap `filter`; returns once tcpdump listens.
     pub fn start(t: &Topology, role: &str, filter: &str) -> Self {
+        Self::start_on(t, role, &t.iface(role), filter)
+    }
+
+    /// Starts capturing on every interface of `role`'s namespace (e.g. the router).
+    pub fn start_all(t: &Topology, role: &str, filter: &str) -> Self {
+        Self::start_on(t, role, "any", filter)
+    }
+
+    fn start_on(t: &Topology, role: &str, iface: &str, filter: &str) -> Self {
         use std::io::BufRead;
         let mut child = t
             .command(role, "tcpdump")
-            .args(["-i", &t.iface(role), "-n", "-l", "-q", "-U", filter])
+            .args(["-i", iface, "-n", "-l", "-q", "-U", filter])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
