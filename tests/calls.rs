@@ -17,6 +17,16 @@ const RELAY_IP: &str = "203.0.113.2";
 const RELAY: &str = "203.0.113.2:4433";
 const STUN: &str = "203.0.113.130";
 
+/// The leak oracle: any IPv4 packet *sent by* alice's or bob's address to anything but the
+/// relay (which includes anything arriving at one of them from the other), and any IPv6 UDP at
+/// all (the hosts have only link-local IPv6). ARP, and the router's own ICMP errors to them, are
+/// not leaks.
+fn leak_filter() -> String {
+    format!(
+        "(ip and (src host {ALICE} or src host {BOB}) and not dst host {RELAY_IP}) or (ip6 and udp)"
+    )
+}
+
 fn call_python() -> PathBuf {
     let p = std::env::var_os("VEIL_CALL_PYTHON")
         .map(PathBuf::from)
@@ -99,6 +109,17 @@ fn sidecar(t: &Topology, role: &str, pki: &Pki) -> Sidecar {
 }
 
 fn peer(t: &Topology, role: &str, which: &str, signal: &std::path::Path, seconds: u32) -> Child {
+    peer_with(t, role, which, signal, seconds, 5)
+}
+
+fn peer_with(
+    t: &Topology,
+    role: &str,
+    which: &str,
+    signal: &std::path::Path,
+    seconds: u32,
+    frame_timeout: u32,
+) -> Child {
     let script = std::fs::read_to_string(support::client_script("webrtc_peer.py")).expect("script");
     t.command(role, "setpriv")
         .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
@@ -109,6 +130,7 @@ fn peer(t: &Topology, role: &str, which: &str, signal: &std::path::Path, seconds
         .arg(signal)
         .arg(format!("stun:{STUN}:3478"))
         .arg(seconds.to_string())
+        .env("PEER_FRAME_TIMEOUT", frame_timeout.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -122,6 +144,29 @@ struct Outcome {
     rms: f64,
     setup_ms: Option<u64>,
     candidates: Vec<String>,
+    /// Wall-clock seconds at which each audio frame arrived.
+    arrivals: Vec<f64>,
+}
+
+impl Outcome {
+    /// Frames that arrived between `from` and `to` (wall-clock seconds).
+    fn frames_between(&self, from: f64, to: f64) -> usize {
+        self.arrivals
+            .iter()
+            .filter(|t| **t >= from && **t < to)
+            .count()
+    }
+
+    /// The first frame after `t`.
+    fn first_after(&self, t: f64) -> Option<f64> {
+        self.arrivals.iter().copied().find(|a| *a > t)
+    }
+}
+
+fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn outcome(child: Child) -> Outcome {
@@ -150,12 +195,25 @@ fn outcome(child: Child) -> Outcome {
         "peer printed nothing; stderr:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let start: f64 = field("start").parse().unwrap_or(0.0);
+    let arrivals = line
+        .split("\"times\": [")
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .map(|list| {
+            list.split(',')
+                .filter_map(|t| t.trim().parse::<f64>().ok())
+                .map(|t| start + t)
+                .collect()
+        })
+        .unwrap_or_default();
     Outcome {
         state: field("state"),
         frames: field("frames").parse().unwrap_or(0),
         rms: field("rms").parse().unwrap_or(0.0),
         setup_ms: field("setup_ms").parse().ok(),
         candidates,
+        arrivals,
     }
 }
 
@@ -172,10 +230,7 @@ fn webrtc_call_between_two_masked_users_leaks_nothing() {
     let alice = sidecar(&t, "a", &pki);
     let bob = sidecar(&t, "b", &pki);
 
-    // IPv4 to or from alice or bob with anyone but the relay, and any IPv6 UDP at all (the
-    // hosts have only link-local IPv6; ARP between router and hosts is not a leak).
-    let leak_filter =
-        format!("(ip and (host {ALICE} or host {BOB}) and not host {RELAY_IP}) or (ip6 and udp)");
+    let leak_filter = leak_filter();
     let leaks = Capture::start_all(&t, "r", &leak_filter);
     let all = Capture::start_all(&t, "r", "udp");
     let signal = tempfile::tempdir().expect("tempdir");
@@ -237,8 +292,7 @@ fn the_leak_oracle_sees_an_unprotected_call() {
     let _ = call_python();
     let t = topology();
     let _stun = Stun::start(&t);
-    let leak_filter =
-        format!("(ip and (host {ALICE} or host {BOB}) and not host {RELAY_IP}) or (ip6 and udp)");
+    let leak_filter = leak_filter();
     let leaks = Capture::start_all(&t, "r", &leak_filter);
     let signal = tempfile::tempdir().expect("tempdir");
     std::fs::set_permissions(
@@ -264,4 +318,166 @@ fn the_leak_oracle_sees_an_unprotected_call() {
         leaked.len()
     );
     assert!(direct > 50, "the oracle must see a direct call: {leaked:?}");
+}
+
+/// Faults during a call, each in the same oracle: what leaves, whether the call survives, and
+/// how long until media flows again.
+#[test]
+fn faults_during_a_call() {
+    let _ = call_python();
+    let t = topology();
+    let pki = Pki::generate(RELAY_IP);
+    let relay_config = pki.relay_config("relay.toml", RELAY, "allow = [\"203.0.113.128/25\"]\n");
+    let mut relay = Some(spawn_relay(Some(&t.ns("l")), &relay_config));
+    let _stun = Stun::start(&t);
+    let mut alice = Some(sidecar(&t, "a", &pki));
+    let _bob = sidecar(&t, "b", &pki);
+    let leak_filter = leak_filter();
+    let mut report = Vec::new();
+
+    let scenarios = [
+        "relay blackholed 10 s",
+        "bad policy reloaded",
+        "relay killed and restarted",
+        "alice's sidecar killed and restarted",
+        "stricter policy reloaded (bob's relay address blocked)",
+    ];
+    for scenario in scenarios {
+        let leaks = Capture::start_all(&t, "r", &leak_filter);
+        let signal = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(
+            signal.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .expect("chmod");
+        let offer = peer_with(&t, "a", "offer", signal.path(), 16, 20);
+        let answer = peer_with(&t, "b", "answer", signal.path(), 16, 20);
+        std::thread::sleep(Duration::from_secs(4));
+        let fault_at = now();
+        match scenario {
+            "relay blackholed 10 s" => {
+                let iface = t.iface("l");
+                let down = t
+                    .command("l", "ip")
+                    .args(["link", "set", &iface, "down"])
+                    .status()
+                    .expect("ip");
+                assert!(down.success());
+                std::thread::sleep(Duration::from_secs(10));
+                let up = t
+                    .command("l", "ip")
+                    .args(["link", "set", &iface, "up"])
+                    .status()
+                    .expect("ip");
+                assert!(up.success());
+                let _ = t
+                    .command("l", "ip")
+                    .args(["route", "replace", "default", "via", "203.0.113.1"])
+                    .status();
+            }
+            "bad policy reloaded" => {
+                let s = alice.as_ref().expect("alice");
+                std::fs::write(s.policy_path().join("default.toml"), "fallback = 7\n")
+                    .expect("write");
+                s.hangup();
+                assert!(
+                    s.wait_log(&["policy reload refused"], Duration::from_secs(3))
+                        .is_some()
+                );
+                std::fs::write(
+                    s.policy_path().join("default.toml"),
+                    "fallback = \"relay\"\n",
+                )
+                .expect("write");
+            }
+            "relay killed and restarted" => {
+                if let Some(r) = relay.take() {
+                    r.kill();
+                }
+                std::thread::sleep(Duration::from_secs(2));
+                relay = Some(spawn_relay(Some(&t.ns("l")), &relay_config));
+            }
+            "alice's sidecar killed and restarted" => {
+                if let Some(s) = alice.take() {
+                    s.daemon_kill();
+                }
+                std::thread::sleep(Duration::from_secs(1));
+                alice = Some(sidecar(&t, "a", &pki));
+            }
+            _ => {
+                let s = alice.as_ref().expect("alice");
+                std::fs::write(
+                    s.policy_path().join("default.toml"),
+                    "fallback = \"relay\"\n[[rule]]\nname = \"no-bob\"\nverdict = \"block\"\nnetworks = [\"203.0.113.0/25\"]\ntransport = [\"udp\"]\n",
+                )
+                .expect("write");
+                s.hangup();
+                assert!(
+                    s.wait_log(&["policy reloaded"], Duration::from_secs(3))
+                        .is_some()
+                );
+            }
+        }
+        let fault_end = now();
+        let (a, b) = (outcome(offer), outcome(answer));
+        let leaked = leaks.stop();
+        assert!(leaked.is_empty(), "{scenario}: leaked {leaked:?}");
+        assert_eq!(
+            (a.state.as_str(), b.state.as_str()),
+            ("connected", "connected"),
+            "{scenario}: the call never set up\n{a:?}\n{b:?}"
+        );
+        let resumed = |o: &Outcome| o.first_after(fault_end).map(|t| t - fault_end);
+        let after = |o: &Outcome| o.frames_between(fault_end + 0.5, f64::MAX);
+        let line = format!(
+            "| {scenario} | {} | {} | {} / {} | {} |",
+            leaked.len(),
+            a.setup_ms
+                .zip(b.setup_ms)
+                .map_or("-".to_owned(), |(x, y)| format!("{x} / {y} ms")),
+            after(&a),
+            after(&b),
+            match (resumed(&a), resumed(&b)) {
+                (Some(x), Some(y)) => format!("{:.2} s / {:.2} s", x.max(0.0), y.max(0.0)),
+                _ => "does not resume".to_owned(),
+            }
+        );
+        eprintln!("{line}");
+        report.push(line);
+        match scenario {
+            "relay blackholed 10 s" | "bad policy reloaded" => {
+                assert!(
+                    after(&a) > 50 && after(&b) > 50,
+                    "{scenario}: the call must survive\n{a:?}\n{b:?}"
+                );
+            }
+            "stricter policy reloaded (bob's relay address blocked)" => {
+                // Alice drops bob's media and sends none: the call stops (without leaking).
+                assert!(
+                    a.frames_between(fault_end + 0.5, f64::MAX) == 0,
+                    "{scenario}: alice still hears bob"
+                );
+                assert!(
+                    b.frames_between(fault_end + 0.5, f64::MAX) == 0,
+                    "{scenario}: bob still hears alice"
+                );
+                // Put the open policy back for any later scenario.
+                let s = alice.as_ref().expect("alice");
+                std::fs::write(
+                    s.policy_path().join("default.toml"),
+                    "fallback = \"relay\"\n",
+                )
+                .expect("write");
+                s.hangup();
+            }
+            _ => {}
+        }
+        eprintln!("{scenario}: fault from {fault_at:.1} to {fault_end:.1}");
+    }
+    eprintln!(
+        "| scenario | leaked packets | set-up (alice / bob) | frames after the fault (alice / bob) | media again after |"
+    );
+    for line in report {
+        eprintln!("{line}");
+    }
 }

@@ -67,11 +67,15 @@ def write_file(path, obj):
     os.rename(tmp, path)
 
 
+def started_wall():
+    return round(time.time(), 3)
+
+
 async def main():
     role, signal_dir, stun, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(urls=stun)]))
     pc.addTrack(Tone(440 if role == "offer" else 660))
-    result = {"role": role, "frames": 0, "rms": 0.0}
+    result = {"role": role, "frames": 0, "rms": 0.0, "start": started_wall()}
     received = asyncio.get_running_loop().create_future()
     started = time.time()
     connected_at = {}
@@ -85,15 +89,17 @@ async def main():
     def on_track(track):
         async def consume():
             frames, squares, count = 0, 0.0, 0
+            times = result.setdefault("times", [])
             end = None
             while True:
                 try:
-                    frame = await asyncio.wait_for(track.recv(), 5)
+                    frame = await asyncio.wait_for(track.recv(), float(os.environ.get("PEER_FRAME_TIMEOUT", "5")))
                 except (MediaStreamError, asyncio.TimeoutError):
                     break
                 if end is None:
                     end = time.time() + seconds
                 frames += 1
+                times.append(round(time.time() - started, 3))
                 pcm = array.array("h", bytes(frame.planes[0]))
                 squares += sum(s * s for s in pcm)
                 count += len(pcm)
