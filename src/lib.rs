@@ -17,3 +17,12 @@ pub mod socks5;
 pub mod status;
 pub mod traffic;
 pub mod tunnel;
+
+/// Raises the soft open-file limit to the hard limit: a proxy holds a few sockets per
+/// association, and 1024 would cap it at a few hundred.
+pub fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}

@@ -153,6 +153,7 @@ fn main() -> ExitCode {
         }
         command => {
             init_tracing();
+            veil::raise_open_file_limit();
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -8,7 +8,7 @@
 use crate::masque::request::{
     self as mreq, BIND_PATH, ClientContexts, HEADER_BIND, HEADER_CAPSULE_PROTOCOL, HEADER_USER,
 };
-use crate::masque::wire;
+use crate::masque::wire::{self, Capsule};
 use arc_swap::ArcSwapOption;
 use bytes::{Buf, Bytes};
 use http::{Method, StatusCode};
@@ -260,6 +260,8 @@ impl Tunnel {
         let failed = |e: &dyn std::fmt::Display| OpenError::Failed(e.to_string());
         let mut requests = live.requests.clone();
         let mut stream = requests.send_request(req).await.map_err(|e| failed(&e))?;
+        // Read the stream ID now: h3-quinn's recv half cannot report it while a read is pending.
+        let quarter = stream.id().into_inner() / 4;
         // Register the uncompressed context at once, before the response (listen-13 §4).
         let (contexts, assign) = ClientContexts::new(64, 8);
         let mut hello = Vec::new();
@@ -284,7 +286,52 @@ impl Tunnel {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| mreq::parse_public_addresses(v).into_iter().next())
             .ok_or_else(|| OpenError::Failed("relay sent no proxy-public-address".into()))?;
-        let quarter = stream.id().into_inner() / 4;
+        // Wait for the proxy to acknowledge the uncompressed context: a datagram sent before the
+        // proxy has read the registration would be dropped there (listen-13 §3.1 allows
+        // pre-emptive use, but losing an app's first packet — usually STUN — is worse than one
+        // more round trip at bind time).
+        let mut contexts = contexts;
+        let mut pending = Vec::new();
+        let acked = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let mut data = match stream.recv_data().await {
+                    Ok(Some(data)) => data,
+                    _ => {
+                        return Err(OpenError::Failed(
+                            "bind closed before its context was acknowledged".into(),
+                        ));
+                    }
+                };
+                while data.has_remaining() {
+                    let chunk = data.chunk();
+                    pending.extend_from_slice(chunk);
+                    let n = chunk.len();
+                    data.advance(n);
+                }
+                let mut used = 0;
+                let mut acked = false;
+                while let Some((capsule, n)) =
+                    wire::decode_capsule(pending.get(used..).unwrap_or_default())
+                        .map_err(|e| OpenError::Failed(e.to_string()))?
+                {
+                    used += n;
+                    acked |= capsule
+                        == (Capsule::CompressionAck {
+                            context_id: mreq::UNCOMPRESSED_CONTEXT,
+                        });
+                    contexts
+                        .on_capsule(&capsule)
+                        .map_err(|e| OpenError::Failed(e.to_string()))?;
+                }
+                pending.drain(..used);
+                if acked {
+                    return Ok(());
+                }
+            }
+        })
+        .await
+        .map_err(|_| OpenError::Failed("no acknowledgement of the uncompressed context".into()))?;
+        acked?;
         let (tx, rx) = mpsc::channel(1024);
         if let Ok(mut binds) = live.binds.lock() {
             binds.insert(quarter, tx);
@@ -294,6 +341,7 @@ impl Tunnel {
         let closed = CancellationToken::new();
         tokio::spawn(drive_bind_stream(
             stream,
+            pending,
             contexts.clone(),
             capsules_rx,
             closed.clone(),
@@ -372,15 +420,16 @@ async fn read_datagrams(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn drive_bind_stream(
     mut stream: ClientStream,
+    mut buf: Vec<u8>,
     contexts: Arc<Mutex<ClientContexts>>,
     mut outgoing: mpsc::UnboundedReceiver<Vec<u8>>,
     closed: CancellationToken,
     binds: Arc<Mutex<HashMap<u64, Inbound>>>,
     quarter: u64,
 ) {
-    let mut buf = Vec::new();
     loop {
         tokio::select! {
             _ = closed.cancelled() => break,

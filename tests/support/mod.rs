@@ -521,7 +521,9 @@ pub fn pysocks_udp_in(ns: Option<&str>, proxy: SocketAddr, args: &[&str]) -> Out
         .expect("run python");
     assert!(
         out.status.success(),
-        "pysocks client failed: {}",
+        "pysocks client failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     out
