@@ -17,8 +17,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+/// A short smoke run: with `BENCH_QUICK`, or when run as a test (`cargo test --all-targets`
+/// runs this without `--bench`), so the test command checks that the benchmark still works.
 fn quick() -> bool {
-    std::env::var_os("BENCH_QUICK").is_some()
+    std::env::var_os("BENCH_QUICK").is_some() || !std::env::args().any(|a| a == "--bench")
 }
 
 /// A UDP echo server on `bind`, in its own thread; stops when dropped.
@@ -433,7 +435,12 @@ impl Path2 for RawQuinn {
     }
 }
 
+fn phase(name: &str, since: Instant) {
+    eprintln!("[{:6.1} s] {name}", since.elapsed().as_secs_f64());
+}
+
 fn main() {
+    let t0 = Instant::now();
     // Loopback only, bounded loops; see the module docs.
     veil::raise_open_file_limit();
     let pings = if quick() { 500 } else { 5000 };
@@ -461,9 +468,12 @@ fn main() {
 
     let quinn_path = Arc::new(RawQuinn::start());
     let rtt = round_trips(quinn_path.as_ref(), 200, pings);
+    phase("quinn round trips", t0);
     let cap = capacity(quinn_path.clone(), 1200);
+    phase("quinn capacity", t0);
     rows.push(("raw quinn DATAGRAM".into(), rtt, cap, None, None));
     drop(quinn_path);
+    phase("quinn closed", t0);
 
     let dir = tempfile::tempdir().expect("tempdir");
     let veil = start_veil(dir.path());
@@ -473,8 +483,11 @@ fn main() {
         .set_read_timeout(Some(Duration::from_millis(200)))
         .expect("timeout");
     let socks: Arc<dyn Path2> = Arc::new(socks);
+    phase("veil started", t0);
     let rtt = round_trips(socks.as_ref(), 200, pings);
+    phase("veil round trips", t0);
     let cap = capacity(socks.clone(), 1200);
+    phase("veil capacity", t0);
     // CPU per delivered packet of sidecar + relay at 10k pkt/s.
     let pids = [veil.sidecar.0.id(), veil.relay.0.id()];
     let before: f64 = pids.iter().map(|p| proc_cpu_seconds(*p)).sum();
@@ -501,6 +514,7 @@ fn main() {
     std::thread::sleep(Duration::from_millis(500));
     let per_assoc = (rss_now(&pids).saturating_sub(base)) as f64 * 1024.0 / n as f64;
     drop(idle);
+    phase("idle associations", t0);
 
     let (d_rtt, q_rtt) = (rows[0].1, rows[1].1);
     println!(

@@ -200,6 +200,9 @@ pub fn transport() -> quinn::TransportConfig {
     let mut discovery = quinn::MtuDiscoveryConfig::default();
     discovery.upper_bound(1452);
     t.mtu_discovery_config(Some(discovery));
+    // Every bind is a long-lived request stream: allow as many as the relay's bind quota, not
+    // quinn's default of 100 (the 101st association would wait for a free stream).
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(20_000));
     t.datagram_receive_buffer_size(Some(4 << 20));
     t.datagram_send_buffer_size(4 << 20);
     t
