@@ -261,7 +261,10 @@ async fn app(
                     warn!(user = %user, client = %source, error = %e, "relay bind failed; relayed traffic is dropped");
                     None
                 }
-                Err(_) => None,
+                Err(_) => {
+                    warn!(user = %user, client = %source, "relay bind timed out; relayed traffic is dropped");
+                    None
+                }
             }
         }
         _ => None,
@@ -299,7 +302,14 @@ async fn app(
                         && let Some(t) = &shared.config.tunnel
                         && t.state() == TunnelState::Connected
                     {
-                        bind = t.open_bind(user.name()).await.ok();
+                        bind = match tokio::time::timeout(Duration::from_secs(3), t.open_bind(user.name())).await {
+                            Ok(Ok(b)) => Some(b),
+                            Ok(Err(e)) => {
+                                warn!(user = %user, client = %source, error = %e, "relay bind failed; relayed traffic is dropped");
+                                None
+                            }
+                            Err(_) => None,
+                        };
                     }
                     match bind.as_mut().map(|b| b.send(target, &payload)) {
                         Some(Ok(())) => { shared.counters.relayed_out.fetch_add(1, Ordering::Relaxed); }

@@ -80,7 +80,25 @@ impl Stun {
             .stderr(Stdio::null())
             .spawn()
             .expect("turnserver (tests/run.sh installs coturn)");
-        std::thread::sleep(Duration::from_millis(700));
+        // Wait until it really listens: a STUN request lost at start leaves an app without its
+        // server-reflexive candidate.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let ss = t
+                .command("s", "ss")
+                .args(["-Hlun", "sport", "= :3478"])
+                .output()
+                .expect("ss");
+            if !ss.stdout.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "turnserver did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(200));
         Self(child)
     }
 }

@@ -227,12 +227,7 @@ impl ProxyContexts {
         context_id: u64,
         payload: &'a [u8],
     ) -> Option<(SocketAddr, &'a [u8])> {
-        if self.uncompressed == Some(context_id) {
-            return wire::decode_uncompressed(payload)
-                .ok()
-                .map(|(a, p)| (canonical(a), p));
-        }
-        self.by_id.get(&context_id).map(|peer| (*peer, payload))
+        peer_of(self.uncompressed, &self.by_id, context_id, payload)
     }
 
     /// How to send a packet from `peer` to the client: `(context, compressed)`, or `None` if
@@ -375,18 +370,29 @@ impl ClientContexts {
         context_id: u64,
         payload: &'a [u8],
     ) -> Option<(SocketAddr, &'a [u8])> {
-        if self.uncompressed == Some(context_id) {
-            return wire::decode_uncompressed(payload)
-                .ok()
-                .map(|(a, p)| (canonical(a), p));
-        }
-        self.by_id.get(&context_id).map(|peer| (*peer, payload))
+        peer_of(self.uncompressed, &self.by_id, context_id, payload)
     }
 
     /// True while the uncompressed context is open (the proxy has not closed it).
     pub fn is_open(&self) -> bool {
         self.uncompressed.is_some()
     }
+}
+
+/// The peer and UDP payload of a datagram on `context_id`: from the payload itself on the
+/// uncompressed context, from the registration on a compressed one.
+fn peer_of<'a>(
+    uncompressed: Option<u64>,
+    by_id: &HashMap<u64, SocketAddr>,
+    context_id: u64,
+    payload: &'a [u8],
+) -> Option<(SocketAddr, &'a [u8])> {
+    if uncompressed == Some(context_id) {
+        return wire::decode_uncompressed(payload)
+            .ok()
+            .map(|(a, p)| (canonical(a), p));
+    }
+    by_id.get(&context_id).map(|peer| (*peer, payload))
 }
 
 fn canonical(addr: SocketAddr) -> SocketAddr {
