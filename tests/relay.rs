@@ -256,3 +256,58 @@ fn malformed_config_stops_startup() {
         "{err}"
     );
 }
+
+/// Address-dependent filtering: a bind's public address admits only peers its client has sent
+/// to; anyone else's datagrams are dropped at the relay.
+#[test]
+fn a_bind_admits_only_peers_its_client_has_sent_to() {
+    use std::io::BufRead;
+    let pki = Pki::generate("localhost");
+    let relay = relay_with(&pki, "allow = [\"127.0.0.0/8\"]\n");
+    let echo = UdpEcho::spawn("127.0.0.2:0");
+    let mut child = Command::new(python())
+        .arg(client_script("masque_client.py"))
+        .arg(relay.addr.ip().to_string())
+        .arg(relay.addr.port().to_string())
+        .args(["--name", "localhost", "--ca"])
+        .arg(pki.path("ca.crt"))
+        .arg("--cert")
+        .arg(pki.path("sidecar.crt"))
+        .arg("--key")
+        .arg(pki.path("sidecar.key"))
+        .args(["--linger", "1.5", "bind", &echo.addr.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("aioquic client");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut public = None;
+    for line in lines.by_ref() {
+        let line = line.expect("line");
+        if let Some(p) = line.strip_prefix("public ") {
+            public = Some(
+                p.trim_matches('"')
+                    .parse::<SocketAddr>()
+                    .expect("public address"),
+            );
+        }
+        if line == "listening" {
+            break;
+        }
+    }
+    let public = public.expect("the bind's public address");
+    let stranger = std::net::UdpSocket::bind("127.0.0.3:0").expect("stranger");
+    for _ in 0..3 {
+        stranger.send_to(b"let me in", public).expect("send");
+    }
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(child.wait().expect("client").success());
+    assert!(
+        rest.iter().all(|l| !l.starts_with("unexpected")),
+        "a stranger got through: {rest:?}"
+    );
+    let log = relay.stop().join("\n");
+    assert!(
+        log.contains("counter=\"dropped_inbound_filter\" value=3"),
+        "{log}"
+    );
+}

@@ -200,6 +200,16 @@ async def bind(client, a):
             print("reply", rctx, target, data[at:].decode(errors="replace"), flush=True)
         else:
             print("no-reply", target, flush=True)
+    if a.linger > 0:
+        print("listening", flush=True)
+        deadline = asyncio.get_running_loop().time() + a.linger
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            got = await recv_datagram(client, left)
+            if got:
+                print("unexpected", got[1].hex(), flush=True)
 
 
 def main():
@@ -211,6 +221,7 @@ def main():
     p.add_argument("--cert")
     p.add_argument("--key")
     p.add_argument("--user", default="alice")
+    p.add_argument("--linger", type=float, default=0.0, help="bind mode: then wait this long and report any datagram")
     p.add_argument("mode", choices=["bind", "targets", "binds"])
     p.add_argument("args", nargs="*")
     a = p.parse_args()
