@@ -353,17 +353,32 @@ fn firewall(action: FirewallAction) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every certificate in a PEM file.
+fn load_certificates(
+    path: &Path,
+) -> anyhow::Result<Vec<rustls_pki_types::CertificateDer<'static>>> {
+    Ok(pki::certificates(
+        &pki::read(path)?,
+        &path.display().to_string(),
+    )?)
+}
+
+/// A certificate chain and its private key, from PEM files.
+fn load_identity(
+    certificate: &Path,
+    private_key: &Path,
+) -> anyhow::Result<(
+    Vec<rustls_pki_types::CertificateDer<'static>>,
+    rustls_pki_types::PrivateKeyDer<'static>,
+)> {
+    let certs = load_certificates(certificate)?;
+    let key = pki::private_key(&pki::read(private_key)?, &private_key.display().to_string())?;
+    Ok((certs, key))
+}
+
 fn tunnel_config_from(settings: &veil::sidecar::RelaySettings) -> anyhow::Result<TunnelConfig> {
-    let shown = |p: &Path| p.display().to_string();
-    let ca = pki::certificates(&pki::read(&settings.ca)?, &shown(&settings.ca))?;
-    let certs = pki::certificates(
-        &pki::read(&settings.certificate)?,
-        &shown(&settings.certificate),
-    )?;
-    let key = pki::private_key(
-        &pki::read(&settings.private_key)?,
-        &shown(&settings.private_key),
-    )?;
+    let ca = load_certificates(&settings.ca)?;
+    let (certs, key) = load_identity(&settings.certificate, &settings.private_key)?;
     Ok(TunnelConfig {
         relay: settings.address,
         server_name: settings.server_name.clone(),
@@ -468,16 +483,8 @@ struct Extras {
 
 async fn relay(path: &Path) -> anyhow::Result<()> {
     let config = RelayConfig::load(path)?;
-    let shown = |p: &Path| p.display().to_string();
-    let certs = pki::certificates(
-        &pki::read(&config.certificate)?,
-        &shown(&config.certificate),
-    )?;
-    let key = pki::private_key(
-        &pki::read(&config.private_key)?,
-        &shown(&config.private_key),
-    )?;
-    let ca = pki::certificates(&pki::read(&config.client_ca)?, &shown(&config.client_ca))?;
+    let (certs, key) = load_identity(&config.certificate, &config.private_key)?;
+    let ca = load_certificates(&config.client_ca)?;
     let endpoint_config = pki::relay_endpoint_config(key.secret_der());
     let tls = pki::server_config(certs, key, &ca)?;
     let relay = Relay::bind(config, tls, endpoint_config)?;

@@ -10,7 +10,7 @@ use crate::masque::request::{
 };
 use crate::masque::wire::{self, Capsule};
 use arc_swap::ArcSwapOption;
-use bytes::{Buf, Bytes};
+use bytes::{BufMut, Bytes};
 use http::{Method, StatusCode};
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -294,7 +294,7 @@ impl Tunnel {
         let mut pending = Vec::new();
         let acked = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
-                let mut data = match stream.recv_data().await {
+                let data = match stream.recv_data().await {
                     Ok(Some(data)) => data,
                     _ => {
                         return Err(OpenError::Failed(
@@ -302,12 +302,7 @@ impl Tunnel {
                         ));
                     }
                 };
-                while data.has_remaining() {
-                    let chunk = data.chunk();
-                    pending.extend_from_slice(chunk);
-                    let n = chunk.len();
-                    data.advance(n);
-                }
+                pending.put(data);
                 let mut used = 0;
                 let mut acked = false;
                 while let Some((capsule, n)) =
@@ -442,13 +437,8 @@ async fn drive_bind_stream(
                 None => break,
             },
             data = stream.recv_data() => match data {
-                Ok(Some(mut data)) => {
-                    while data.has_remaining() {
-                        let chunk = data.chunk();
-                        buf.extend_from_slice(chunk);
-                        let n = chunk.len();
-                        data.advance(n);
-                    }
+                Ok(Some(data)) => {
+                    buf.put(data);
                     let mut replies = Vec::new();
                     let mut used = 0;
                     let mut broken = false;
@@ -587,13 +577,8 @@ impl TcpTunnel {
         };
         let down = async {
             while let Ok(Some(mut data)) = recv.recv_data().await {
-                while data.has_remaining() {
-                    let chunk = data.chunk();
-                    if tcp_write.write_all(chunk).await.is_err() {
-                        return;
-                    }
-                    let n = chunk.len();
-                    data.advance(n);
+                if tcp_write.write_all_buf(&mut data).await.is_err() {
+                    return;
                 }
             }
             let _ = tcp_write.shutdown().await;

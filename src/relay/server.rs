@@ -13,7 +13,7 @@ use crate::masque::request::{
 };
 use crate::masque::wire;
 use crate::rate::TokenBucket;
-use bytes::{Buf, Bytes};
+use bytes::{BufMut, Bytes};
 use http::{Method, Response, StatusCode};
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -620,13 +620,8 @@ async fn serve_tcp(
     let (mut send, mut recv) = stream.split();
     let up = async {
         while let Ok(Some(mut data)) = recv.recv_data().await {
-            while data.has_remaining() {
-                let chunk = data.chunk();
-                if tcp_write.write_all(chunk).await.is_err() {
-                    return;
-                }
-                let n = chunk.len();
-                data.advance(n);
+            if tcp_write.write_all_buf(&mut data).await.is_err() {
+                return;
             }
         }
         let _ = tcp_write.shutdown().await;
@@ -740,13 +735,8 @@ async fn serve_udp(
         tokio::select! {
             _ = shutdown.cancelled() => break "shutdown",
             data = stream.recv_data() => match data {
-                Ok(Some(mut data)) => {
-                    while data.has_remaining() {
-                        let chunk = data.chunk();
-                        capsules.extend_from_slice(chunk);
-                        let n = chunk.len();
-                        data.advance(n);
-                    }
+                Ok(Some(data)) => {
+                    capsules.put(data);
                     match handle_capsules(shared, &tunnel, &mut capsules) {
                         Ok(replies) if replies.is_empty() => {}
                         Ok(replies) => {
