@@ -72,6 +72,7 @@ fn listener(addr: SocketAddr) -> Result<UdpSocket, Error> {
         setsockopt(&s, sockopt::Ipv6OrigDstAddr, &true).map_err(|e| fail(e.into()))?;
     }
     s.bind(&addr.into()).map_err(fail)?;
+    crate::SocketBuffers::Shared.apply(&s);
     UdpSocket::from_std(s.into()).map_err(fail)
 }
 

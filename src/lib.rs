@@ -26,3 +26,27 @@ pub fn raise_open_file_limit() {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
+
+/// Kernel buffer sizes for sockets that carry media: a video key frame arrives as a burst of
+/// dozens of 1200-byte packets, and the default (~208 KiB, about 90 such packets) overflows
+/// when a burst meets a busy thread. The kernel caps them at `net.core.[rw]mem_max`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum SocketBuffers {
+    /// A socket of one app association or relay bind.
+    PerAssociation,
+    /// A socket shared by every association: a QUIC endpoint, a TPROXY listener.
+    Shared,
+}
+
+impl SocketBuffers {
+    /// Applies the sizes to `socket`; a refusal only leaves the default sizes.
+    pub(crate) fn apply<S: std::os::fd::AsFd>(self, socket: &S) {
+        let bytes = match self {
+            Self::PerAssociation => 512 << 10,
+            Self::Shared => 4 << 20,
+        };
+        let s = socket2::SockRef::from(socket);
+        let _ = s.set_recv_buffer_size(bytes);
+        let _ = s.set_send_buffer_size(bytes);
+    }
+}

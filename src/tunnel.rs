@@ -130,7 +130,14 @@ impl Tunnel {
         } else {
             (Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let mut endpoint = quinn::Endpoint::client(local)?;
+        let socket = std::net::UdpSocket::bind(local)?;
+        crate::SocketBuffers::Shared.apply(&socket);
+        let mut endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
         endpoint.set_default_client_config(config.client.clone());
         let (tx, rx) = watch::channel(TunnelState::Connecting);
         let tunnel = Self {

@@ -312,6 +312,7 @@ impl Relay {
         let listen = config.listen;
         let endpoint = std::net::UdpSocket::bind(listen)
             .and_then(|socket| {
+                crate::SocketBuffers::Shared.apply(&socket);
                 quinn::Endpoint::new(
                     endpoint_config,
                     Some(tls),
@@ -663,7 +664,10 @@ async fn serve_udp(
 ) {
     let public = SocketAddr::new(shared.config.public_address, 0);
     let socket = match UdpSocket::bind(public).await {
-        Ok(s) => s,
+        Ok(s) => {
+            crate::SocketBuffers::PerAssociation.apply(&s);
+            s
+        }
         Err(e) => {
             let r = Refuse(
                 StatusCode::SERVICE_UNAVAILABLE,

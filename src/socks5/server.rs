@@ -681,6 +681,7 @@ fn outbound_socket(v6: bool) -> io::Result<UdpSocket> {
         s
     };
     socket.set_nonblocking(true)?;
+    crate::SocketBuffers::PerAssociation.apply(&socket);
     UdpSocket::from_std(socket.into())
 }
 
@@ -969,7 +970,10 @@ async fn associate(
     // The UDP socket faces the client, on the address the client reached us at.
     let local = control.local_addr()?;
     let client_socket = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
-        Ok(s) => s,
+        Ok(s) => {
+            crate::SocketBuffers::PerAssociation.apply(&s);
+            s
+        }
         Err(_) => return Err(refuse(&mut control, Reply::GeneralFailure).await),
     };
     let bound = client_socket.local_addr()?;
