@@ -6,8 +6,15 @@
 //! bounded in count and time). `BENCH_QUICK=1` shortens every phase for a smoke run.
 //!
 //! For each path: 200-byte ping-pong round trip p50/p99/p999; the highest fixed rate of 1200-byte
-//! packets delivered with < 0.1 % loss; CPU time per delivered packet of the proxy processes
-//! (from /proc) at 10k pkt/s; their peak RSS; and memory per idle association.
+//! packets echoed with < 0.1 % loss; CPU time per echoed packet (one packet out and its echo
+//! back, so two relayed packets) of the proxy processes (from /proc; for raw quinn, of its
+//! runtime's threads) at 10k pkt/s; their peak RSS. Then, through veil: the largest number of
+//! simulated calls held (see `scale.rs`), and memory per idle association.
+//!
+//! `BENCH_PROFILE=FILE` also records a `perf` call graph of the two daemons during the CPU phase.
+
+#[path = "datapath/scale.rs"]
+mod scale;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -122,6 +129,24 @@ impl Socks {
             socket,
             header,
         }
+    }
+}
+
+impl Socks {
+    /// An association with no client UDP socket: the sidecar and relay hold all their state
+    /// for it (socket, bind, tasks), the benchmark only the control connection.
+    /// None if the sidecar does not answer within 5 s or refuses.
+    fn open_idle(proxy: SocketAddr) -> Option<TcpStream> {
+        let mut control = TcpStream::connect(proxy).ok()?;
+        control
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .ok()?;
+        control
+            .write_all(&[5, 1, 0, 5, 3, 0, 1, 0, 0, 0, 0, 0, 0])
+            .ok()?;
+        let mut reply = [0u8; 12];
+        control.read_exact(&mut reply).ok()?;
+        (reply[3] == 0).then_some(control)
     }
 }
 
@@ -587,16 +612,41 @@ fn main() {
         Some(rss),
     ));
 
-    // Memory per idle association (sidecar + relay), from RSS growth.
-    let n = if quick() { 200 } else { 2000 };
-    let rss_now = |pids: &[u32]| pids.iter().map(|p| proc_kib(*p, "VmRSS:")).sum::<u64>();
-    let base = rss_now(&pids);
+    // Simulated calls, growing N until one fails the call criteria.
+    let mut held = None;
+    let mut results = Vec::new();
+    let steps: &[usize] = if quick() {
+        &[20]
+    } else {
+        &[100, 250, 375, 500, 750, 1000, 1500, 2000]
+    };
+    for &calls in steps {
+        let r = scale::run(veil.socks, calls, if quick() { 1.0 } else { 4.0 });
+        phase(&format!("{calls} calls"), t0);
+        let ok = r.holds();
+        results.push(r);
+        if !ok {
+            break;
+        }
+        held = Some(calls);
+    }
+
+    // Memory per idle association, from RSS growth of each process. The sidecar holds two
+    // descriptors per association: 8,000 fit a hard limit of 20,000 open files.
+    let n = if quick() { 200 } else { 8_000 };
+    let rss_now = |pid: u32| proc_kib(pid, "VmRSS:");
+    let base = pids.map(rss_now);
     let mut idle = Vec::with_capacity(n);
     for _ in 0..n {
-        idle.push(Socks::open(veil.socks, echo.addr));
+        match Socks::open_idle(veil.socks) {
+            Some(c) => idle.push(c),
+            None => break,
+        }
     }
+    assert_eq!(idle.len(), n, "the sidecar stopped accepting associations");
     std::thread::sleep(Duration::from_millis(500));
-    let per_assoc = (rss_now(&pids).saturating_sub(base)) as f64 * 1024.0 / n as f64;
+    let grown = |i: usize| rss_now(pids[i]).saturating_sub(base[i]) as f64 * 1024.0 / n as f64;
+    let (sidecar_bytes, relay_bytes) = (grown(0), grown(1));
     drop(idle);
     phase("idle associations", t0);
 
@@ -617,7 +667,25 @@ fn main() {
             )),
         );
     }
+    println!("\n| simulated calls | packets sent | loss | one-way delay variation p99 | held |");
+    println!("| --- | --- | --- | --- | --- |");
+    for r in &results {
+        println!(
+            "| {} ({} with video) | {} | {:.3} % | {:.2} ms | {} |",
+            r.calls,
+            r.video_calls,
+            r.sent,
+            r.loss() * 100.0,
+            r.jitter_p99_ms,
+            if r.holds() { "yes" } else { "no" }
+        );
+    }
     println!(
-        "\nidle associations: {n} opened; {per_assoc:.0} bytes each (sidecar + relay RSS growth)"
+        "\nlargest number of calls held (< 0.1 % loss, p99 delay variation < 5 ms): {}",
+        held.map_or("none".to_owned(), |n| n.to_string())
+    );
+    println!(
+        "idle associations: {n} opened; {:.0} bytes each (sidecar {sidecar_bytes:.0} + relay {relay_bytes:.0}, RSS growth)",
+        sidecar_bytes + relay_bytes
     );
 }

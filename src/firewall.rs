@@ -53,10 +53,95 @@ pub struct Interception {
     /// Every uid the discard route covers: the managed users and the members of the managed
     /// groups (policy routing matches users only).
     pub routed_uids: Vec<u32>,
+    /// Managed cgroups (v2): every process below one is managed, whoever runs it — how IT
+    /// manages one app rather than a whole user.
+    pub cgroups: Vec<ManagedCgroup>,
     /// The TPROXY listener port on 127.0.0.1 and ::1.
     pub port: u16,
     /// The fwmark (and routing table) for intercepted packets.
     pub mark: u32,
+}
+
+/// A cgroup v2 whose processes' UDP is managed, as nftables' `socket cgroupv2` names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagedCgroup {
+    /// The path below the cgroup v2 root, as configured (`veil.slice/zoom.scope`).
+    pub path: String,
+    /// The path nft resolves, relative to `/sys/fs/cgroup` (nft's fixed base), which differs
+    /// from `path` on hosts that mount cgroup v2 elsewhere below it (`unified/` in hybrid mode).
+    nft_path: String,
+    /// Its depth below the root: nft matches the socket's ancestor at this level.
+    level: usize,
+}
+
+impl ManagedCgroup {
+    /// Resolves `path` (below the cgroup v2 root) against the mount table `mounts` (the text
+    /// of `/proc/self/mounts`). Does not check that the cgroup exists.
+    pub fn from_mounts(path: &str, mounts: &str) -> Result<Self, String> {
+        let trimmed = path.trim_matches('/');
+        let parts: Vec<&str> = trimmed.split('/').collect();
+        if trimmed.is_empty()
+            || parts
+                .iter()
+                .any(|p| p.is_empty() || *p == "." || *p == "..")
+            || trimmed.contains(['"', '\\', '\n', ' '])
+        {
+            return Err(format!(
+                "cgroup {path:?}: expected a path below the cgroup v2 root, like \"veil.slice\""
+            ));
+        }
+        let mount = mounts
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                let (_, at, kind) = (f.next()?, f.next()?, f.next()?);
+                (kind == "cgroup2").then_some(at)
+            })
+            .next()
+            .ok_or_else(|| "no cgroup v2 hierarchy is mounted".to_owned())?;
+        let below = mount
+            .strip_prefix("/sys/fs/cgroup")
+            .ok_or_else(|| {
+                format!("cgroup v2 is mounted at {mount}; nftables resolves cgroups only below /sys/fs/cgroup")
+            })?
+            .trim_matches('/');
+        let nft_path = if below.is_empty() {
+            trimmed.to_owned()
+        } else {
+            format!("{below}/{trimmed}")
+        };
+        Ok(Self {
+            path: trimmed.to_owned(),
+            nft_path,
+            level: parts.len(),
+        })
+    }
+
+    /// Resolves `path` on this host and checks that the cgroup exists (nft refuses a ruleset
+    /// naming a missing one, and a cgroup created later would not be matched by its old id).
+    pub fn resolve(path: &str) -> Result<Self, String> {
+        let mounts = std::fs::read_to_string("/proc/self/mounts")
+            .map_err(|e| format!("reading /proc/self/mounts: {e}"))?;
+        let cgroup = Self::from_mounts(path, &mounts)?;
+        let dir = std::path::Path::new("/sys/fs/cgroup").join(&cgroup.nft_path);
+        if !dir.is_dir() {
+            return Err(format!(
+                "cgroup {path:?} does not exist ({} is missing): create it before veil starts, for example as a systemd slice",
+                dir.display()
+            ));
+        }
+        Ok(cgroup)
+    }
+
+    /// Whether a process in cgroup `own` (a path below the root) would be managed.
+    pub fn contains(&self, own: &str) -> bool {
+        let own = own.trim_matches('/');
+        own == self.path || own.starts_with(&format!("{}/", self.path))
+    }
+
+    fn selector(&self) -> String {
+        format!("socket cgroupv2 level {} \"{}\"", self.level, self.nft_path)
+    }
 }
 
 /// Why the firewall could not be changed.
@@ -100,8 +185,13 @@ pub fn ruleset(i: &Interception) -> String {
     );
     set(&mut out, "managed_uids", "uid", &i.uids);
     set(&mut out, "managed_gids", "gid", &i.gids);
+    let mut managed = vec![
+        "meta skuid @managed_uids".to_owned(),
+        "meta skgid @managed_gids".to_owned(),
+    ];
+    managed.extend(i.cgroups.iter().map(ManagedCgroup::selector));
     out.push_str("  chain output {\n    type route hook output priority mangle; policy accept;\n");
-    for who in ["meta skuid @managed_uids", "meta skgid @managed_gids"] {
+    for who in &managed {
         let _ = writeln!(
             out,
             "    meta l4proto udp {who} ip daddr 127.0.0.0/8 return"
@@ -123,15 +213,32 @@ pub fn ruleset(i: &Interception) -> String {
     out.push_str(
         "  chain killswitch {\n    type filter hook postrouting priority filter; policy accept;\n",
     );
-    for who in ["meta skuid @managed_uids", "meta skgid @managed_gids"] {
+    // nftables' socket match does not run in postrouting; managed cgroups' UDP is covered by
+    // the mark it got in output (it should be on its way to lo).
+    for who in managed.iter().take(2) {
         let _ = writeln!(out, "    meta l4proto udp {who} oifname != \"lo\" drop");
     }
+    let _ = writeln!(
+        out,
+        "    meta l4proto udp meta mark {mark} oifname != \"lo\" drop"
+    );
     out.push_str("  }\n");
     let _ = writeln!(
         out,
         "  chain input {{\n    type filter hook input priority filter; policy accept;\n    \
-         meta l4proto udp iifname != \"lo\" ct mark {mark} drop\n  }}\n}}"
+         meta l4proto udp iifname != \"lo\" ct mark {mark} drop"
     );
+    // The socket a packet is for, looked up: a managed app gets UDP only through veil (over
+    // lo), never straight from the network. (Sockets of managed *users* cannot be told apart
+    // here: nftables has no socket-owner match on input.)
+    for c in &i.cgroups {
+        let _ = writeln!(
+            out,
+            "    meta l4proto udp iifname != \"lo\" {} drop",
+            c.selector()
+        );
+    }
+    out.push_str("  }\n}\n");
     out
 }
 
@@ -315,6 +422,7 @@ mod tests {
             uids: vec![1001, 1002],
             gids: vec![],
             routed_uids: vec![1001, 1002],
+            cgroups: vec![],
             port: 15353,
             mark: 0x1e11,
         });
@@ -359,10 +467,49 @@ mod tests {
             uids: vec![65534],
             gids: vec![65534],
             routed_uids: vec![65534],
+            cgroups: vec![],
             port: 15353,
             mark: 0x1e11,
         });
         let out = run("nft", &["-c", "-f", "-"], Some(&text));
         assert!(out.is_ok(), "{out:?}\n{text}");
+    }
+
+    #[test]
+    fn cgroups_resolve_against_the_v2_mount_and_match_both_ways() {
+        let hybrid = "cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        let pure = "cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n";
+        let c = ManagedCgroup::from_mounts("/veil.slice/zoom.scope/", hybrid).expect("hybrid");
+        assert_eq!(
+            (c.path.as_str(), c.nft_path.as_str(), c.level),
+            ("veil.slice/zoom.scope", "unified/veil.slice/zoom.scope", 2)
+        );
+        let c = ManagedCgroup::from_mounts("veil.slice", pure).expect("pure");
+        assert_eq!((c.nft_path.as_str(), c.level), ("veil.slice", 1));
+        assert!(c.contains("veil.slice/app-1.scope") && c.contains("/veil.slice"));
+        assert!(!c.contains("veil.slice2") && !c.contains("/"));
+        for bad in ["", "/", "a/../b", "a//b", "x\"y", "a b"] {
+            assert!(ManagedCgroup::from_mounts(bad, pure).is_err(), "{bad:?}");
+        }
+        assert!(ManagedCgroup::from_mounts("a", "cgroup2 /mnt/cg cgroup2 rw 0 0\n").is_err());
+        assert!(ManagedCgroup::from_mounts("a", "").is_err());
+
+        let text = ruleset(&Interception {
+            uids: vec![],
+            gids: vec![],
+            routed_uids: vec![],
+            cgroups: vec![c],
+            port: 15353,
+            mark: 0x1e11,
+        });
+        let sel = "socket cgroupv2 level 1 \"veil.slice\"";
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        for rule in [
+            format!("meta l4proto udp {sel} meta mark set 0x1e11 ct mark set 0x1e11"),
+            "meta l4proto udp meta mark 0x1e11 oifname != \"lo\" drop".to_owned(),
+            format!("meta l4proto udp iifname != \"lo\" {sel} drop"),
+        ] {
+            assert!(lines.contains(&rule.as_str()), "{rule}\n{text}");
+        }
     }
 }

@@ -1,9 +1,12 @@
 //! Who is on the other end of a local TCP connection, as the kernel reports it.
 //!
-//! A SOCKS5 client on this machine is identified by the owner of its socket, read from the
-//! kernel's socket table (`/proc/net/tcp`, `/proc/net/tcp6`), so a local client cannot claim to be
-//! someone else. The table parser is a pure function; [`user_of_uid`] asks NSS (so LDAP and other
-//! directory users work) for the user's name and groups.
+//! A SOCKS5 client on this machine is identified by the owner of its socket, as the kernel
+//! reports it, so a local client cannot claim to be someone else. The kernel is asked for that
+//! one socket over `NETLINK_SOCK_DIAG` (a hash lookup, whatever the number of sockets); where
+//! that is not available, its socket tables (`/proc/net/tcp`, …) are read and searched, which
+//! costs time in proportion to every socket on the machine. The table parser is a pure
+//! function; [`user_of_uid`] asks NSS (so LDAP and other directory users work) for the user's
+//! name and groups.
 
 use crate::policy::User;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -73,8 +76,13 @@ pub fn udp_owner_in_table(table: &str, source: SocketAddr) -> Option<u32> {
     })
 }
 
-/// The uid that owns the local UDP socket that sent from `source`.
-pub fn udp_source_uid(source: SocketAddr) -> Result<Option<u32>, Error> {
+/// The uid that owns the local UDP socket that sent from `source` to `destination`.
+pub fn udp_source_uid(source: SocketAddr, destination: SocketAddr) -> Result<Option<u32>, Error> {
+    // The kernel's UDP lookup finds the socket that would receive from `destination` at
+    // `source`: the app's socket, bound or connected.
+    if let Ok(found) = diag::uid(diag::UDP, destination, source) {
+        return Ok(found);
+    }
     for table in ["/proc/net/udp", "/proc/net/udp6"] {
         let text = match std::fs::read_to_string(table) {
             Ok(text) => text,
@@ -91,6 +99,9 @@ pub fn udp_source_uid(source: SocketAddr) -> Result<Option<u32>, Error> {
 /// The uid that owns the client end of a TCP connection that this process accepted: `server` is
 /// our end (the listener's address), `client` the peer's. `None` if the client is not local.
 pub fn client_uid(server: SocketAddr, client: SocketAddr) -> Result<Option<u32>, Error> {
+    if let Ok(found) = diag::uid(diag::TCP, client, server) {
+        return Ok(found);
+    }
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let text = match std::fs::read_to_string(table) {
             Ok(text) => text,
@@ -102,6 +113,108 @@ pub fn client_uid(server: SocketAddr, client: SocketAddr) -> Result<Option<u32>,
         }
     }
     Ok(None)
+}
+
+/// One exact socket lookup over `NETLINK_SOCK_DIAG` (`inet_diag`).
+mod diag {
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, send, setsockopt, socket,
+        sockopt,
+    };
+    use std::net::{IpAddr, SocketAddr};
+    use std::os::fd::AsRawFd;
+
+    pub(super) const TCP: u8 = 6;
+    pub(super) const UDP: u8 = 17;
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLMSG_ERROR: u16 = 2;
+    const NLM_F_REQUEST: u16 = 1;
+    /// nlmsghdr (16) + inet_diag_req_v2 (56).
+    const REQUEST_LEN: usize = 72;
+    /// Offset of `idiag_uid` in a reply: nlmsghdr (16) + family/state/timer/retrans (4) +
+    /// inet_diag_sockid (48) + expires/rqueue/wqueue (12).
+    const UID_AT: usize = 80;
+
+    /// The request for the socket with source `src` and destination `dst` in the kernel's
+    /// lookup terms (`inet_diag_sockid`): ports and addresses in network order.
+    pub(super) fn request(protocol: u8, src: SocketAddr, dst: SocketAddr) -> [u8; REQUEST_LEN] {
+        let mut r = [0u8; REQUEST_LEN];
+        r[0..4].copy_from_slice(&(REQUEST_LEN as u32).to_ne_bytes());
+        r[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        r[6..8].copy_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+        r[16] = if src.is_ipv4() { 2 } else { 10 };
+        r[17] = protocol;
+        // idiag_states: every state.
+        r[20..24].copy_from_slice(&u32::MAX.to_ne_bytes());
+        r[24..26].copy_from_slice(&src.port().to_be_bytes());
+        r[26..28].copy_from_slice(&dst.port().to_be_bytes());
+        for (at, ip) in [(28, src.ip()), (44, dst.ip())] {
+            match ip {
+                IpAddr::V4(v4) => r[at..at + 4].copy_from_slice(&v4.octets()),
+                IpAddr::V6(v6) => r[at..at + 16].copy_from_slice(&v6.octets()),
+            }
+        }
+        // idiag_if 0 (any); idiag_cookie INET_DIAG_NOCOOKIE.
+        r[64..72].fill(0xff);
+        r
+    }
+
+    /// The uid in a reply; `Ok(None)` when the kernel found no such socket.
+    pub(super) fn parse_reply(reply: &[u8]) -> std::io::Result<Option<u32>> {
+        let field = |at: usize| -> Option<[u8; 4]> { reply.get(at..at + 4)?.try_into().ok() };
+        let kind = reply
+            .get(4..6)
+            .and_then(|b| b.try_into().ok())
+            .map(u16::from_ne_bytes);
+        match kind {
+            Some(SOCK_DIAG_BY_FAMILY) => Ok(field(UID_AT).map(u32::from_ne_bytes)),
+            Some(NLMSG_ERROR) => {
+                let errno = field(16).map(i32::from_ne_bytes).unwrap_or(0);
+                if errno == -(nix::errno::Errno::ENOENT as i32) {
+                    Ok(None)
+                } else {
+                    Err(std::io::Error::from_raw_os_error(-errno))
+                }
+            }
+            _ => Err(std::io::Error::other("unexpected sock_diag reply")),
+        }
+    }
+
+    /// Canonical addresses, for the family the kernel files the socket under; a v4-mapped pair
+    /// is looked up as IPv4 (where the kernel keeps dual-stack sockets' IPv4 traffic).
+    fn canonical(a: SocketAddr) -> SocketAddr {
+        SocketAddr::new(a.ip().to_canonical(), a.port())
+    }
+
+    pub(super) fn uid(
+        protocol: u8,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> std::io::Result<Option<u32>> {
+        let (src, dst) = (canonical(src), canonical(dst));
+        if src.is_ipv4() != dst.is_ipv4() {
+            return Ok(None);
+        }
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkSockDiag,
+        )?;
+        setsockopt(
+            &fd,
+            sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(1, 0),
+        )?;
+        send(
+            fd.as_raw_fd(),
+            &request(protocol, src, dst),
+            MsgFlags::empty(),
+        )?;
+        let mut reply = [0u8; 512];
+        let n = recv(fd.as_raw_fd(), &mut reply, MsgFlags::empty())?;
+        parse_reply(reply.get(..n).unwrap_or_default())
+    }
 }
 
 /// The user with this uid, with the names of all its groups.
@@ -180,8 +293,45 @@ mod tests {
         assert_eq!(udp_owner_in_table(UDP, addr("192.0.2.2:8001")), Some(1001));
         assert_eq!(udp_owner_in_table(UDP, addr("192.0.2.3:8001")), None);
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let uid = udp_source_uid(socket.local_addr().expect("addr")).expect("table");
+        let uid = udp_source_uid(socket.local_addr().expect("addr"), addr("127.0.0.9:9"))
+            .expect("lookup");
         assert_eq!(uid, Some(nix::unistd::geteuid().as_raw()));
+    }
+
+    #[test]
+    fn the_kernel_names_the_owner_of_one_socket() {
+        let me = Some(nix::unistd::geteuid().as_raw());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let server = listener.local_addr().expect("addr");
+        let client = std::net::TcpStream::connect(server).expect("connect");
+        let client_addr = client.local_addr().expect("addr");
+        let _accepted = listener.accept().expect("accept");
+        assert_eq!(diag::uid(diag::TCP, client_addr, server).expect("tcp"), me);
+        // The accepted end matches too, the listener's address alone does not.
+        assert_eq!(diag::uid(diag::TCP, server, client_addr).expect("tcp"), me);
+        assert_eq!(
+            diag::uid(diag::TCP, client_addr, addr("127.0.0.1:1")).expect("tcp"),
+            None
+        );
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let at = udp.local_addr().expect("addr");
+        assert_eq!(
+            diag::uid(diag::UDP, addr("192.0.2.7:5"), at).expect("udp"),
+            me
+        );
+        let v6 = std::net::UdpSocket::bind("[::1]:0").expect("bind v6");
+        let at6 = v6.local_addr().expect("addr");
+        assert_eq!(
+            diag::uid(diag::UDP, addr("[2001:db8::7]:5"), at6).expect("udp6"),
+            me
+        );
+        assert_eq!(
+            diag::uid(diag::UDP, addr("192.0.2.7:5"), addr("127.0.0.1:1")).expect("udp"),
+            None
+        );
+        // Garbage from the kernel is an error, not an answer.
+        assert!(diag::parse_reply(&[]).is_err());
+        assert_eq!(diag::request(diag::UDP, at, at).len(), 72);
     }
 
     #[test]

@@ -198,7 +198,9 @@ pub async fn run(handle: Handle, port: u16, shutdown: CancellationToken) -> Resu
                     let (tx, rx) = mpsc::channel(APP_QUEUE);
                     let (handle, replies, token) =
                         (handle.clone(), replies.clone(), shutdown.child_token());
-                    tokio::spawn(async move { app(handle, source, rx, replies, token).await });
+                    tokio::spawn(
+                        async move { app(handle, source, original, rx, replies, token).await },
+                    );
                     apps.insert(source, tx.clone());
                     tx
                 }
@@ -212,8 +214,8 @@ pub async fn run(handle: Handle, port: u16, shutdown: CancellationToken) -> Resu
 }
 
 /// The user who owns the app socket that sent from `source`.
-fn owner(source: SocketAddr) -> Option<User> {
-    let uid = identity::udp_source_uid(source).ok()??;
+fn owner(source: SocketAddr, destination: SocketAddr) -> Option<User> {
+    let uid = identity::udp_source_uid(source, destination).ok()??;
     identity::user_of_uid(uid).ok()
 }
 
@@ -235,12 +237,13 @@ async fn direct_readable(socket: Option<&UdpSocket>) -> io::Result<()> {
 async fn app(
     handle: Handle,
     source: SocketAddr,
+    first_destination: SocketAddr,
     mut rx: mpsc::Receiver<(SocketAddr, Bytes)>,
     replies: Arc<ReplySockets>,
     shutdown: CancellationToken,
 ) {
     let shared: &Shared = &handle.shared;
-    let Some(user) = owner(source) else {
+    let Some(user) = owner(source, first_destination) else {
         warn!(client = %source, "cannot tell who owns the app socket; its UDP is dropped");
         while rx.try_recv().is_ok() {
             shared.counters.drop(DropReason::ForeignSource);
@@ -256,7 +259,8 @@ async fn app(
     let _ = association.admit_client(source);
     let mut bind = match &shared.config.tunnel {
         Some(t) if t.state() == TunnelState::Connected => {
-            match tokio::time::timeout(Duration::from_secs(3), t.open_bind(user.name())).await {
+            match tokio::time::timeout(Duration::from_secs(3), t.open_bind(user.name(), None)).await
+            {
                 Ok(Ok(b)) => Some(b),
                 Ok(Err(e)) => {
                     warn!(user = %user, client = %source, error = %e, "relay bind failed; relayed traffic is dropped");
@@ -274,7 +278,8 @@ async fn app(
     info!(user = %user, client = %source, relay_public = public.as_deref().unwrap_or("none"), "app socket intercepted");
     let live = shared.registry.open(user.name(), source, "transparent");
     let mut direct: Option<UdpSocket> = None;
-    let mut buf = vec![0u8; 65_536];
+    // The public port of the last bind, asked for again when a new one opens.
+    let mut public_port = bind.as_ref().map(|b| b.public_address().port());
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -303,8 +308,12 @@ async fn app(
                         && let Some(t) = &shared.config.tunnel
                         && t.state() == TunnelState::Connected
                     {
-                        bind = match tokio::time::timeout(Duration::from_secs(3), t.open_bind(user.name())).await {
-                            Ok(Ok(b)) => Some(b),
+                        bind = match tokio::time::timeout(Duration::from_secs(3), t.open_bind(user.name(), public_port)).await {
+                            Ok(Ok(b)) => {
+                                info!(user = %user, client = %source, public = %b.public_address(), "relay bind open");
+                                public_port = Some(b.public_address().port());
+                                Some(b)
+                            }
                             Ok(Err(e)) => {
                                 warn!(user = %user, client = %source, error = %e, "relay bind failed; relayed traffic is dropped");
                                 None
@@ -344,17 +353,19 @@ async fn app(
             },
             r = direct_readable(direct.as_ref()) => {
                 if r.is_err() { direct = None; continue; }
-                while let Some(Ok((n, peer))) = direct.as_ref().map(|s| s.try_recv_from(&mut buf)) {
-                    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-                    let policy = shared.policy.load();
-                    match association.admit_peer(peer, Verdict::Direct, &policy, &user) {
-                        Ok(app) => match replies.send(peer, app, buf.get(..n).unwrap_or_default()) {
-                            Ok(_) => { shared.counters.datagrams_in.fetch_add(1, Ordering::Relaxed); }
-                            Err(_) => shared.counters.drop(DropReason::SendFailed),
-                        },
-                        Err(reason) => shared.counters.drop(reason),
+                crate::with_buffer(|buf| {
+                    while let Some(Ok((n, peer))) = direct.as_ref().map(|s| s.try_recv_from(buf)) {
+                        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+                        let policy = shared.policy.load();
+                        match association.admit_peer(peer, Verdict::Direct, &policy, &user) {
+                            Ok(app) => match replies.send(peer, app, buf.get(..n).unwrap_or_default()) {
+                                Ok(_) => { shared.counters.datagrams_in.fetch_add(1, Ordering::Relaxed); }
+                                Err(_) => shared.counters.drop(DropReason::SendFailed),
+                            },
+                            Err(reason) => shared.counters.drop(reason),
+                        }
                     }
-                }
+                });
             }
         }
     }

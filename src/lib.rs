@@ -18,11 +18,19 @@ pub mod status;
 pub mod traffic;
 pub mod tunnel;
 
-/// Raises the soft open-file limit to the hard limit: a proxy holds a few sockets per
-/// association, and 1024 would cap it at a few hundred.
+/// Raises the open-file limit: a proxy holds two sockets per association, and 1024 would cap
+/// it at a few hundred. Root (or `CAP_SYS_RESOURCE`) may go up to `fs.nr_open`; anyone else
+/// gets the hard limit.
 pub fn raise_open_file_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        .min(1 << 20);
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && (ceiling <= hard || setrlimit(Resource::RLIMIT_NOFILE, ceiling, ceiling).is_err())
+    {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
@@ -49,4 +57,21 @@ impl SocketBuffers {
         let _ = s.set_recv_buffer_size(bytes);
         let _ = s.set_send_buffer_size(bytes);
     }
+}
+
+/// Room kept in front of a received payload for the largest header a proxy puts before it
+/// (a SOCKS5 UDP header with an IPv6 address; an HTTP datagram prefix with one).
+pub(crate) const HEADROOM: usize = 64;
+
+thread_local! {
+    /// One receive buffer per runtime thread, shared by every association on it, so an idle
+    /// association holds no buffer at all.
+    static BUFFER: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; HEADROOM + 65_536].into_boxed_slice());
+}
+
+/// Runs `f` with this thread's receive buffer (`HEADROOM` + 64 KiB). `f` must not await: the
+/// buffer belongs to whichever association the thread runs next.
+pub(crate) fn with_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    BUFFER.with_borrow_mut(|b| f(b))
 }

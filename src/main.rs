@@ -327,6 +327,19 @@ fn interception(
             }
         }
     }
+    let mut cgroups = Vec::new();
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or("/");
+    for path in &t.cgroups {
+        let cgroup = veil::firewall::ManagedCgroup::resolve(path).map_err(anyhow::Error::msg)?;
+        if cgroup.contains(own) {
+            bail!("cgroup {path:?} contains veil itself ({own}): its tunnel would be intercepted");
+        }
+        cgroups.push(cgroup);
+    }
     routed_uids.sort_unstable();
     routed_uids.dedup();
     if uids.contains(&0) || gids.contains(&0) || routed_uids.contains(&0) {
@@ -336,6 +349,7 @@ fn interception(
         uids,
         gids,
         routed_uids,
+        cgroups,
         port: t.port,
         mark: t.mark,
     })
@@ -401,15 +415,9 @@ async fn sidecar(
 ) -> anyhow::Result<()> {
     let mut settings = match &config_file {
         Some(path) => SidecarConfig::load(path).map_err(anyhow::Error::msg)?,
-        None => SidecarConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 1080)),
-            policy_dir: PathBuf::from("/etc/veil/policies"),
-            passwords: None,
-            relay: None,
-            transparent: None,
-            control: None,
-            metrics: None,
-        },
+        // No file: every setting at its default, as an empty file gives.
+        None => SidecarConfig::parse(Path::new("/etc/veil/sidecar.toml"), "")
+            .map_err(anyhow::Error::msg)?,
     };
     settings.listen = listen.unwrap_or(settings.listen);
     settings.policy_dir = policy_dir.unwrap_or(settings.policy_dir);
@@ -417,6 +425,7 @@ async fn sidecar(
     settings.control = control.or(settings.control);
 
     let mut config = Config::new(settings.listen);
+    config.max_clients = settings.max_sessions;
     if let Some(path) = &settings.passwords {
         config.passwords = Some(PasswordFile::load(path)?);
     }

@@ -12,12 +12,14 @@
 //! certificate = "sidecar.crt"          # this sidecar's client certificate
 //! private_key = "sidecar.key"
 //!
+//! # max_sessions = 16384               # SOCKS5 connections + app sockets held at once
 //! # control = "/run/veil/control"     # `veil status` socket (root only)
 //! # metrics = "127.0.0.1:9101"         # Prometheus text format; off by default, loopback only
 //!
 //! [transparent]                        # intercept these users' UDP in the kernel (TPROXY)
 //! users = ["alice"]
 //! groups = ["callers"]
+//! cgroups = ["veil.slice"]             # and every process below these cgroups (per app)
 //! port = 15353                         # the listener on 127.0.0.1 and ::1
 //! mark = 7697                          # fwmark and routing table (0x1e11)
 //! ```
@@ -51,6 +53,8 @@ pub struct TransparentSettings {
     pub users: Vec<String>,
     /// Managed group names.
     pub groups: Vec<String>,
+    /// Managed cgroups (v2), as paths below the cgroup root.
+    pub cgroups: Vec<String>,
     /// The TPROXY listener port.
     pub port: u16,
     /// The fwmark / routing table.
@@ -74,6 +78,8 @@ pub struct SidecarConfig {
     pub control: Option<PathBuf>,
     /// The Prometheus endpoint (loopback only); off when unset.
     pub metrics: Option<SocketAddr>,
+    /// SOCKS5 connections served at once (each UDP association holds one); more wait.
+    pub max_sessions: usize,
 }
 
 #[derive(Deserialize)]
@@ -86,6 +92,7 @@ struct Raw {
     transparent: Option<RawTransparent>,
     control: Option<String>,
     metrics: Option<Spanned<String>>,
+    max_sessions: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -95,6 +102,8 @@ struct RawTransparent {
     users: Vec<String>,
     #[serde(default)]
     groups: Vec<String>,
+    #[serde(default)]
+    cgroups: Vec<String>,
     port: Option<u16>,
     mark: Option<u32>,
 }
@@ -152,6 +161,7 @@ impl SidecarConfig {
         let transparent = raw.transparent.map(|t| TransparentSettings {
             users: t.users,
             groups: t.groups,
+            cgroups: t.cgroups,
             port: t.port.unwrap_or(crate::firewall::DEFAULT_PORT),
             mark: t.mark.unwrap_or(crate::firewall::DEFAULT_MARK),
         });
@@ -169,6 +179,7 @@ impl SidecarConfig {
             None => None,
         };
         Ok(Self {
+            max_sessions: raw.max_sessions.unwrap_or(16_384),
             transparent,
             control: raw.control.map(|c| base.join(c)),
             metrics,

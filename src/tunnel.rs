@@ -252,15 +252,24 @@ impl Tunnel {
     }
 
     /// Opens a CONNECT-UDP bind request for `user`: one public address on the relay for every
-    /// peer of one app socket.
-    pub async fn open_bind(&self, user: &str) -> Result<Bind, OpenError> {
+    /// peer of one app socket. `preferred_port`: the port the app socket's previous bind had,
+    /// asked for again so that its peers' packets still find it.
+    pub async fn open_bind(
+        &self,
+        user: &str,
+        preferred_port: Option<u16>,
+    ) -> Result<Bind, OpenError> {
         let live = self.live()?;
-        let req = http::Request::builder()
+        let mut req = http::Request::builder()
             .method(Method::CONNECT)
             .uri(format!("https://{}{BIND_PATH}", self.config.server_name))
             .header(HEADER_BIND, "?1")
             .header(HEADER_CAPSULE_PROTOCOL, "?1")
-            .header(HEADER_USER, user)
+            .header(HEADER_USER, user);
+        if let Some(port) = preferred_port {
+            req = req.header(mreq::HEADER_PREFERRED_PORT, port.to_string());
+        }
+        let req = req
             .extension(h3::ext::Protocol::CONNECT_UDP)
             .body(())
             .map_err(|e| OpenError::Failed(e.to_string()))?;
@@ -372,12 +381,23 @@ impl Tunnel {
             .body(())
             .map_err(|e| OpenError::Failed(e.to_string()))?;
         let mut requests = live.requests.clone();
-        let mut stream = requests
-            .send_request(req)
-            .await
-            .map_err(|e| OpenError::Failed(e.to_string()))?;
-        response(&mut stream).await?;
-        Ok(TcpTunnel { stream })
+        let result = match requests.send_request(req).await {
+            Ok(mut stream) => response(&mut stream).await.map(|_| TcpTunnel { stream }),
+            Err(e) => Err(OpenError::Failed(e.to_string())),
+        };
+        result.map_err(|e| live.explain(e))
+    }
+}
+
+impl Live {
+    /// A request that failed because the connection itself is gone (a relay that refuses our
+    /// certificate closes it just after our side thought the handshake done) is
+    /// `NotConnected`, not a failure of that request.
+    fn explain(&self, e: OpenError) -> OpenError {
+        match e {
+            OpenError::Failed(_) if self.conn.close_reason().is_some() => OpenError::NotConnected,
+            e => e,
+        }
     }
 }
 

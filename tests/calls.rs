@@ -382,7 +382,10 @@ fn faults_during_a_call() {
         .expect("chmod");
         // Calls meant to survive run long enough to show media after a 10 s outage (QUIC's
         // probe backoff can hold the first packets back a few seconds); the others end early.
-        let survives = matches!(scenario, "relay blackholed 10 s" | "bad policy reloaded");
+        let survives = matches!(
+            scenario,
+            "relay blackholed 10 s" | "bad policy reloaded" | "relay killed and restarted"
+        );
         let (seconds, frame_timeout) = if survives { (28, 20) } else { (10, 6) };
         let offer = peer_with(&t, "a", "offer", signal.path(), seconds, frame_timeout);
         let answer = peer_with(&t, "b", "answer", signal.path(), seconds, frame_timeout);
@@ -479,7 +482,7 @@ fn faults_during_a_call() {
         eprintln!("{line}");
         report.push(line);
         match scenario {
-            "relay blackholed 10 s" | "bad policy reloaded" => {
+            "relay blackholed 10 s" | "bad policy reloaded" | "relay killed and restarted" => {
                 assert!(
                     after(&a) > 50 && after(&b) > 50,
                     "{scenario}: the call must survive\n{a:?}\n{b:?}"

@@ -17,7 +17,7 @@ const ROOT_ECHO: &str = "203.0.113.2:7001";
 const SENDER: &str = r#"
 import socket, sys
 host, port = sys.argv[1], int(sys.argv[2])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
 s.settimeout(float(sys.argv[3]))
 for p in sys.argv[4:]:
     try:
@@ -44,7 +44,8 @@ fn send_as(
     timeout: &str,
     payloads: &[&str],
 ) -> Vec<String> {
-    let (host, port) = target.split_once(':').expect("target");
+    let (host, port) = target.rsplit_once(':').expect("target");
+    let host = host.trim_matches(['[', ']']);
     let mut cmd = t.command("c", "setpriv");
     match user {
         Some(u) => cmd.args([&format!("--reuid={u}"), "--regid=nogroup", "--clear-groups"]),
@@ -413,5 +414,238 @@ fn reload_under_traffic_keeps_allowed_flows_and_cuts_the_others() {
         "UDP left the client directly during the reloads: {leaked:?}"
     );
     drop(sidecar);
+    drop(relay);
+}
+
+/// A cgroup v2 made for one test, removed on drop (after its processes have exited).
+struct TestCgroup {
+    /// The path below the cgroup v2 root.
+    name: String,
+    dir: std::path::PathBuf,
+}
+
+impl TestCgroup {
+    fn new() -> Self {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
+        let root = mounts
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(2) == Some(&"cgroup2")).then(|| f[1].to_owned())
+            })
+            .expect("a cgroup v2 hierarchy is mounted (CI must provide one)");
+        let name = format!("veil-test-{}-{}", std::process::id(), fastrand::u32(..));
+        let dir = std::path::Path::new(&root).join(&name);
+        std::fs::create_dir(&dir).expect("create cgroup");
+        Self { name, dir }
+    }
+
+    /// A shell line that moves itself into the cgroup and then runs `program`.
+    fn enter(&self) -> String {
+        format!("echo $$ > {}/cgroup.procs && exec", self.dir.display())
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// `program` in `role`'s network namespace with the host's mounts (so /sys/fs/cgroup is the
+/// real one; `ip netns exec` remounts /sys).
+fn in_ns_keeping_mounts(t: &Topology, role: &str, program: &str) -> std::process::Command {
+    let mut c = std::process::Command::new("nsenter");
+    c.arg(format!("--net=/var/run/netns/{}", t.ns(role)))
+        .arg(program);
+    c
+}
+
+/// Waits up to `secs` for one datagram on UDP port `port`; prints "got …" or "none".
+const RECEIVER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+s.settimeout(float(sys.argv[2]))
+try:
+    data, frm = s.recvfrom(2048)
+    print("got %s from %s" % (data.decode(), frm[0]), flush=True)
+except OSError:
+    print("none", flush=True)
+"#;
+
+/// Runs RECEIVER in namespace `c` (inside `cgroup` if given) while `e` sends to it; returns
+/// what it printed last.
+fn unsolicited(t: &Topology, cgroup: Option<&TestCgroup>, port: u16) -> String {
+    use std::io::BufRead;
+    let enter = cgroup
+        .map(TestCgroup::enter)
+        .unwrap_or_else(|| "exec".into());
+    let mut child = in_ns_keeping_mounts(t, "c", "sh")
+        .args(["-c", &format!("{enter} /usr/bin/python3 -c \"$0\" \"$@\"")])
+        .args([RECEIVER, &port.to_string(), "3"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("receiver");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("ready"));
+    for _ in 0..5 {
+        let status = t
+            .command("e", "/usr/bin/python3")
+            .args([
+                "-c",
+                "import socket,sys; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'knock', ('192.0.2.2', int(sys.argv[1])))",
+                &port.to_string(),
+            ])
+            .status()
+            .expect("knock");
+        assert!(status.success());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let last = lines.next().and_then(Result::ok).unwrap_or_default();
+    let _ = child.wait();
+    last
+}
+
+#[test]
+fn an_app_in_a_managed_cgroup_is_intercepted_whoever_runs_it_and_gets_no_unsolicited_udp() {
+    let t = topology();
+    let cgroup = TestCgroup::new();
+    let pki = Pki::generate(RELAY_IP);
+    let relay = spawn_relay(
+        Some(&t.ns("l")),
+        &pki.relay_config("relay.toml", RELAY, "allow = [\"203.0.113.0/24\"]\n"),
+    );
+    let managed_echo = UdpEcho::spawn_in(Some(&t.ns("e")), MANAGED_ECHO);
+    let root_echo = UdpEcho::spawn_in(Some(&t.ns("e")), ROOT_ECHO);
+    let config = pki.dir.path().join("sidecar.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[relay]\naddress = \"{RELAY}\"\nserver_name = \"{RELAY_IP}\"\nca = \"{}\"\ncertificate = \"{}\"\nprivate_key = \"{}\"\n\
+             [transparent]\ncgroups = [\"{}\"]\n",
+            pki.path("ca.crt").display(),
+            pki.path("sidecar.crt").display(),
+            pki.path("sidecar.key").display(),
+            cgroup.name,
+        ),
+    )
+    .expect("write sidecar config");
+    let sidecar = start_sidecar(&t, &config);
+    assert!(
+        sidecar
+            .wait_log(&["tunnel connected"], Duration::from_secs(10))
+            .is_some()
+    );
+    let capture = leak_capture(&t);
+
+    // root, inside the managed cgroup: intercepted and relayed like a managed user.
+    let out = in_ns_keeping_mounts(&t, "c", "sh")
+        .args([
+            "-c",
+            &format!("{} /usr/bin/python3 -c \"$0\" \"$@\"", cgroup.enter()),
+        ])
+        .args([SENDER, "203.0.113.2", "7000", "2", "a", "b"])
+        .output()
+        .expect("sender in cgroup");
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        lines,
+        ["a", "b"].map(|p| format!("reply {MANAGED_ECHO} {p}"))
+    );
+    let seen = managed_echo.seen();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen.iter().all(|(f, _)| f.ip().to_string() == RELAY_IP),
+        "peer saw {seen:?}"
+    );
+    // root outside it: untouched.
+    let lines = send_as(&t, None, ROOT_ECHO, "2", &["r"]);
+    assert_eq!(lines, [format!("reply {ROOT_ECHO} r")]);
+    assert!(
+        root_echo
+            .seen()
+            .iter()
+            .all(|(f, _)| f.ip().to_string() == "192.0.2.2")
+    );
+    let leaked = capture.stop();
+    assert!(leaked.is_empty(), "managed UDP left directly: {leaked:?}");
+
+    // Unsolicited UDP from the network reaches an app outside the cgroup (the control) but
+    // not one inside it.
+    assert_eq!(unsolicited(&t, None, 9000), "got knock from 203.0.113.2");
+    assert_eq!(unsolicited(&t, Some(&cgroup), 9001), "none");
+
+    drop(sidecar);
+    firewall_remove(&t);
+    drop(relay);
+}
+
+#[test]
+fn ipv6_udp_of_a_managed_user_is_intercepted_and_relayed_over_ipv6() {
+    const RELAY6: &str = "2001:db8:2::2";
+    const ECHO6: &str = "[2001:db8:3::2]:7000";
+    let mut t = topology();
+    t.ipv6("c", "2001:db8:1::2/64", "2001:db8:1::1/64")
+        .ipv6("l", "2001:db8:2::2/64", "2001:db8:2::1/64")
+        .ipv6("e", "2001:db8:3::2/64", "2001:db8:3::1/64");
+    let pki = Pki::generate(RELAY_IP);
+    let relay = spawn_relay(
+        Some(&t.ns("l")),
+        &pki.relay_config(
+            "relay.toml",
+            &format!("[{RELAY6}]:4433"),
+            "allow = [\"2001:db8:3::/64\"]\n",
+        ),
+    );
+    let echo = UdpEcho::spawn_in(Some(&t.ns("e")), ECHO6);
+    let config = pki.dir.path().join("sidecar.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[relay]\naddress = \"[{RELAY6}]:4433\"\nserver_name = \"{RELAY_IP}\"\nca = \"{}\"\ncertificate = \"{}\"\nprivate_key = \"{}\"\n\
+             [transparent]\nusers = [\"nobody\"]\n",
+            pki.path("ca.crt").display(),
+            pki.path("sidecar.crt").display(),
+            pki.path("sidecar.key").display(),
+        ),
+    )
+    .expect("write sidecar config");
+    let sidecar = start_sidecar(&t, &config);
+    assert!(
+        sidecar
+            .wait_log(&["tunnel connected"], Duration::from_secs(10))
+            .is_some()
+    );
+    let capture = Capture::start(&t, "c", &format!("udp and not host {RELAY6}"));
+
+    let lines = send_as(&t, Some("nobody"), ECHO6, "2", &["a", "b", "c"]);
+    assert_eq!(
+        lines,
+        ["a", "b", "c"].map(|p| format!("reply 2001:db8:3::2:7000 {p}"))
+    );
+    let seen = echo.seen();
+    assert_eq!(seen.len(), 3);
+    assert!(
+        seen.iter().all(|(f, _)| f.ip().to_string() == RELAY6),
+        "peer saw {seen:?}"
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0].0 == w[1].0),
+        "one public address per app socket: {seen:?}"
+    );
+    let leaked = capture.stop();
+    assert!(leaked.is_empty(), "IPv6 UDP left directly: {leaked:?}");
+    drop(sidecar);
+    firewall_remove(&t);
     drop(relay);
 }

@@ -244,6 +244,15 @@ fn relay_killed_mid_stream_fails_closed_then_recovers() {
             .iter()
             .all(|(from, _)| from.ip().to_string() == RELAY_IP)
     );
+    // The new bind asked for its old port and got it: the peer still sees one address, so an
+    // ICE session would survive the restart.
+    let mut ports: Vec<u16> = echo.seen().iter().map(|(from, _)| from.port()).collect();
+    ports.dedup();
+    assert_eq!(
+        ports.len(),
+        1,
+        "one public port across the restart: {ports:?}"
+    );
     let log = sidecar.stop().join("\n");
     for l in log
         .lines()

@@ -18,6 +18,10 @@ pub const HEADER_PUBLIC_ADDRESS: &str = "proxy-public-address";
 pub const HEADER_CAPSULE_PROTOCOL: &str = "capsule-protocol";
 /// Header: the user a sidecar's request is for (trusted because the sidecar's certificate is).
 pub const HEADER_USER: &str = "veil-user";
+/// Header (bind requests): the public port this app socket had before — after a relay restart
+/// or a lost connection — so its peers find it where they last saw it. The relay grants it if
+/// the port is free, and otherwise picks another; other proxies ignore the header.
+pub const HEADER_PREFERRED_PORT: &str = "veil-preferred-port";
 /// The context ID a client uses for its uncompressed context (the first even, non-zero one).
 pub const UNCOMPRESSED_CONTEXT: u64 = 2;
 

@@ -577,11 +577,20 @@ async fn serve_request(
         );
         return refuse(&shared, &mut stream, r).await;
     };
+    // A port below 1024 is never handed out, whatever a sidecar asks for.
+    let preferred = header(&req, mreq::HEADER_PREFERRED_PORT)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse::<u16>().ok())
+        .filter(|p| *p >= 1024);
     match admitted {
         Admitted::Tcp(target) => serve_tcp(&shared, &user, target, stream, shutdown).await,
-        Admitted::Bind => serve_udp(&shared, conn, tunnels, user, None, stream, shutdown).await,
+        Admitted::Bind => {
+            let target = Target::Bind { preferred };
+            serve_udp(&shared, conn, tunnels, user, target, stream, shutdown).await
+        }
         Admitted::Fixed(t) => {
-            serve_udp(&shared, conn, tunnels, user, Some(t), stream, shutdown).await
+            let target = Target::Fixed(t);
+            serve_udp(&shared, conn, tunnels, user, target, stream, shutdown).await
         }
     }
 }
@@ -650,7 +659,15 @@ async fn serve_tcp(
 }
 
 /// Room for the HTTP Datagram prefix and an uncompressed address before a payload.
-const HEADROOM: usize = 8 + 8 + 19;
+use crate::HEADROOM;
+
+/// What a UDP request is for.
+enum Target {
+    /// A bind (any peer), preferably on this port.
+    Bind { preferred: Option<u16> },
+    /// Unextended CONNECT-UDP: one fixed target.
+    Fixed(SocketAddr),
+}
 
 #[allow(clippy::too_many_arguments)]
 async fn serve_udp(
@@ -658,12 +675,26 @@ async fn serve_udp(
     conn: quinn::Connection,
     tunnels: Tunnels,
     user: String,
-    fixed: Option<SocketAddr>,
+    target: Target,
     mut stream: H3Stream,
     shutdown: CancellationToken,
 ) {
-    let public = SocketAddr::new(shared.config.public_address, 0);
-    let socket = match UdpSocket::bind(public).await {
+    let (fixed, preferred) = match target {
+        Target::Bind { preferred } => (None, preferred),
+        Target::Fixed(t) => (Some(t), None),
+    };
+    let ip = shared.config.public_address;
+    let mut socket = Err(io::Error::other("no preferred port"));
+    if let Some(port) = preferred {
+        socket = UdpSocket::bind(SocketAddr::new(ip, port)).await;
+        if socket.is_err() {
+            debug!(user = %user, port, "preferred public port taken; picking another");
+        }
+    }
+    if socket.is_err() {
+        socket = UdpSocket::bind(SocketAddr::new(ip, 0)).await;
+    }
+    let socket = match socket {
         Ok(s) => {
             crate::SocketBuffers::PerAssociation.apply(&s);
             s
@@ -732,7 +763,6 @@ async fn serve_udp(
     info!(user = %user, public = %bound, target = ?fixed, "udp tunnel open");
 
     let mut capsules = Vec::new();
-    let mut buf = vec![0u8; HEADROOM + 65_536];
     let idle = shared.config.quotas.idle_timeout;
     let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
     let reason = loop {
@@ -762,7 +792,7 @@ async fn serve_udp(
                 if r.is_err() {
                     break "socket error";
                 }
-                if to_client(shared, &conn, &tunnel, quarter, &mut buf).is_err() {
+                if crate::with_buffer(|buf| to_client(shared, &conn, &tunnel, quarter, buf)).is_err() {
                     break "connection lost";
                 }
             }

@@ -12,7 +12,6 @@ use crate::policy::{Decision, Policy, Target, User, Verdict};
 use crate::rate::TokenBucket;
 use crate::tunnel::{self, Bind, OpenError, SendError, Tunnel, TunnelState};
 use arc_swap::ArcSwap;
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -51,7 +50,7 @@ impl Config {
         Self {
             listen,
             passwords: None,
-            max_clients: 4096,
+            max_clients: 16_384,
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
@@ -625,18 +624,9 @@ async fn connect_relayed(
     }
 }
 
-/// Room kept in front of a received payload for the SOCKS5 header of the largest address.
-const HEADROOM: usize = 22;
-/// Largest UDP payload plus headroom.
-const BUFFER_LEN: usize = HEADROOM + 65_536;
+use crate::HEADROOM;
 /// Datagrams handled per wake-up before yielding to other tasks.
 const BATCH: usize = 64;
-
-thread_local! {
-    /// One receive buffer per worker thread, shared by every association on it: an idle
-    /// association holds no buffer at all.
-    static BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; BUFFER_LEN].into_boxed_slice());
-}
 
 /// The sockets and state of one UDP association.
 struct Relay<'a> {
@@ -658,6 +648,8 @@ struct Relay<'a> {
     last_attempt: Option<(Instant, u64)>,
     /// A relayed packet found no bind: open one.
     want_bind: bool,
+    /// The public port of the last bind, asked for again when a new one opens.
+    public_port: Option<u16>,
     /// This association in the status registry.
     live: crate::status::LiveSession,
 }
@@ -719,7 +711,7 @@ async fn readable(socket: Option<&UdpSocket>) -> io::Result<()> {
 impl Relay<'_> {
     /// Handles datagrams waiting on the client socket. Returns one that needs a name resolved.
     fn drain_client(&mut self) -> Option<Unresolved> {
-        BUFFER.with_borrow_mut(|buf| {
+        crate::with_buffer(|buf| {
             for _ in 0..BATCH {
                 let (n, from) = match self.client_socket.try_recv_from(buf) {
                     Ok(received) => received,
@@ -882,8 +874,14 @@ impl Relay<'_> {
         }
         self.want_bind = false;
         self.last_attempt = Some((Instant::now(), connection));
-        let (tunnel, user) = (tunnel.clone(), self.user.name().to_owned());
-        self.opening = Some(tokio::spawn(async move { tunnel.open_bind(&user).await }));
+        let (tunnel, user, port) = (
+            tunnel.clone(),
+            self.user.name().to_owned(),
+            self.public_port,
+        );
+        self.opening = Some(tokio::spawn(
+            async move { tunnel.open_bind(&user, port).await },
+        ));
     }
 
     fn take_packet_token(&self, policy: &PolicyVersion) -> bool {
@@ -893,7 +891,7 @@ impl Relay<'_> {
     /// Handles datagrams waiting on an outbound socket: replies from targets.
     fn drain_peers(&mut self, v6: bool) {
         let shared = self.shared;
-        BUFFER.with_borrow_mut(|buf| {
+        crate::with_buffer(|buf| {
             for _ in 0..BATCH {
                 let socket = if v6 {
                     self.out_v6.as_ref()
@@ -982,7 +980,9 @@ async fn associate(
     if let Some(tunnel) = &shared.config.tunnel
         && tunnel.state() == TunnelState::Connected
     {
-        match tokio::time::timeout(Duration::from_secs(3), tunnel.open_bind(user.name())).await {
+        match tokio::time::timeout(Duration::from_secs(3), tunnel.open_bind(user.name(), None))
+            .await
+        {
             Ok(Ok(b)) => bind = Some(b),
             Ok(Err(e)) => {
                 warn!(user = %user, error = %e, "relay bind failed; relayed traffic is dropped")
@@ -1007,6 +1007,7 @@ async fn associate(
         names: HashMap::new(),
         max_names: usize::try_from(max_flows).unwrap_or(usize::MAX),
         want_bind: shared.config.tunnel.is_some() && bind.is_none(),
+        public_port: bind.as_ref().map(|b| b.public_address().port()),
         live,
         bind,
         opening: None,
@@ -1044,6 +1045,7 @@ async fn associate(
                 match r {
                     Ok(bind) => {
                         info!(user = %relay.user, client = %peer, public = %bind.public_address(), "relay bind open");
+                        relay.public_port = Some(bind.public_address().port());
                         relay.bind = Some(bind);
                     }
                     Err(e) => {

@@ -280,9 +280,12 @@ impl Sidecar {
 /// A command for the `veil` binary, inside network namespace `netns` if given.
 pub fn veil_in(netns: Option<&str>) -> Command {
     match netns {
+        // nsenter switches only the network namespace; `ip netns exec` would also remount
+        // /sys, hiding the cgroup hierarchy the daemon resolves managed cgroups in.
         Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_veil")]);
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/var/run/netns/{ns}"))
+                .arg(env!("CARGO_BIN_EXE_veil"));
             c
         }
         None => veil(),

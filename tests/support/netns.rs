@@ -83,6 +83,31 @@ impl Topology {
         self
     }
 
+    /// Gives host `role` an IPv6 address too (`addr`, CIDR), with the router at `gateway` on
+    /// its link, and routes IPv6 through it. Duplicate address detection is skipped so the
+    /// addresses can be used at once.
+    #[allow(dead_code)] // not every test binary uses IPv6
+    pub fn ipv6(&mut self, role: &str, addr: &str, gateway: &str) -> &mut Self {
+        let (ns, router) = (self.ns(role), self.ns("r"));
+        let outer = format!("r{}{role}", self.id);
+        ip(&[
+            "-n", &router, "addr", "add", gateway, "dev", &outer, "nodad",
+        ]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            addr,
+            "dev",
+            &self.iface(role),
+            "nodad",
+        ]);
+        let gw = gateway.split('/').next().unwrap_or(gateway);
+        ip(&["-n", &ns, "-6", "route", "add", "default", "via", gw]);
+        self
+    }
+
     /// Adds another address to host `role`'s interface.
     pub fn address(&mut self, role: &str, addr: &str) -> &mut Self {
         ip(&[
