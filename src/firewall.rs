@@ -222,6 +222,13 @@ pub fn ruleset(i: &Interception) -> String {
         out,
         "    meta l4proto udp meta mark {mark} oifname != \"lo\" drop"
     );
+    // An ICMP error the kernel sends about an intercepted flow (port unreachable when veil's
+    // reply meets an app socket that is gone) would carry the user's address to the peer: it
+    // belongs to the flow's conntrack entry, so its mark finds it.
+    let _ = writeln!(
+        out,
+        "    meta l4proto {{ icmp, ipv6-icmp }} ct mark {mark} oifname != \"lo\" drop"
+    );
     out.push_str("  }\n");
     let _ = writeln!(
         out,
@@ -453,6 +460,12 @@ mod tests {
             lines.contains(&"meta l4proto udp meta skuid @managed_uids oifname != \"lo\" drop")
         );
         assert!(lines.contains(&"meta l4proto udp iifname != \"lo\" ct mark 0x1e11 drop"));
+        // The kernel's ICMP errors about intercepted flows stay in too.
+        assert!(
+            lines.contains(
+                &"meta l4proto { icmp, ipv6-icmp } ct mark 0x1e11 oifname != \"lo\" drop"
+            )
+        );
     }
 
     #[test]

@@ -154,9 +154,77 @@ impl ReplySockets {
     }
 }
 
+/// The public port each app socket's relay bind had, kept in a file, so that a restarted
+/// sidecar asks for the same ports again and the apps' peers (and ICE sessions) keep reaching
+/// them. One line per app socket: `ADDRESS:PORT PUBLIC_PORT`; unreadable lines are skipped.
+#[derive(Debug, Default)]
+pub struct PublicPorts {
+    path: Option<std::path::PathBuf>,
+    ports: std::sync::Mutex<HashMap<SocketAddr, u16>>,
+}
+
+impl PublicPorts {
+    /// Reads `path` (a missing file is an empty table); `None` keeps the table in memory only.
+    pub fn load(path: Option<std::path::PathBuf>) -> Arc<Self> {
+        let text = path
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default();
+        let ports = Self::parse(&text);
+        if !ports.is_empty() {
+            info!(
+                app_sockets = ports.len(),
+                "public ports of app sockets kept from before a restart"
+            );
+        }
+        Arc::new(Self {
+            path,
+            ports: std::sync::Mutex::new(ports),
+        })
+    }
+
+    fn parse(text: &str) -> HashMap<SocketAddr, u16> {
+        text.lines()
+            .filter_map(|l| {
+                let (app, port) = l.split_once(' ')?;
+                Some((app.parse().ok()?, port.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
+    fn get(&self, app: SocketAddr) -> Option<u16> {
+        self.ports.lock().ok()?.get(&app).copied()
+    }
+
+    /// Records (`Some`) or forgets (`None`) an app socket's public port, and saves the table.
+    fn set(&self, app: SocketAddr, port: Option<u16>) {
+        let Ok(mut ports) = self.ports.lock() else {
+            return;
+        };
+        let changed = match port {
+            Some(p) => ports.insert(app, p) != Some(p),
+            None => ports.remove(&app).is_some(),
+        };
+        let Some(path) = self.path.as_ref().filter(|_| changed) else {
+            return;
+        };
+        let text: String = ports.iter().map(|(a, p)| format!("{a} {p}\n")).collect();
+        // Written whole and renamed into place: a crash leaves the old table or the new one.
+        let tmp = path.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
+            debug!(path = %path.display(), error = %e, "cannot save the public ports");
+        }
+    }
+}
+
 /// Runs the transparent listener on `port` of 127.0.0.1 (and ::1 if the host has IPv6) until
 /// `shutdown`.
-pub async fn run(handle: Handle, port: u16, shutdown: CancellationToken) -> Result<(), Error> {
+pub async fn run(
+    handle: Handle,
+    port: u16,
+    ports: Arc<PublicPorts>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let v4 = listener(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
     let v6 = match listener(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
         Ok(s) => Some(s),
@@ -196,11 +264,15 @@ pub async fn run(handle: Handle, port: u16, shutdown: CancellationToken) -> Resu
                 Some(tx) => tx.clone(),
                 None => {
                     let (tx, rx) = mpsc::channel(APP_QUEUE);
-                    let (handle, replies, token) =
-                        (handle.clone(), replies.clone(), shutdown.child_token());
-                    tokio::spawn(
-                        async move { app(handle, source, original, rx, replies, token).await },
+                    let (handle, replies, token, ports) = (
+                        handle.clone(),
+                        replies.clone(),
+                        shutdown.child_token(),
+                        ports.clone(),
                     );
+                    tokio::spawn(async move {
+                        app(handle, source, original, rx, replies, ports, token).await
+                    });
                     apps.insert(source, tx.clone());
                     tx
                 }
@@ -240,6 +312,7 @@ async fn app(
     first_destination: SocketAddr,
     mut rx: mpsc::Receiver<(SocketAddr, Bytes)>,
     replies: Arc<ReplySockets>,
+    ports: Arc<PublicPorts>,
     shutdown: CancellationToken,
 ) {
     let shared: &Shared = &handle.shared;
@@ -257,10 +330,12 @@ async fn app(
     };
     let mut association = Association::new(source.ip(), limits.max_flows_per_association);
     let _ = association.admit_client(source);
+    // The public port this app socket had (before a restart, say), asked for again.
+    let mut public_port = ports.get(source);
     let mut bind = match &shared.config.tunnel {
         Some(t) if t.state() == TunnelState::Connected => {
-            match tokio::time::timeout(Duration::from_secs(3), t.open_bind(user.name(), None)).await
-            {
+            let open = t.open_bind(user.name(), public_port);
+            match tokio::time::timeout(Duration::from_secs(3), open).await {
                 Ok(Ok(b)) => Some(b),
                 Ok(Err(e)) => {
                     warn!(user = %user, client = %source, error = %e, "relay bind failed; relayed traffic is dropped");
@@ -278,8 +353,10 @@ async fn app(
     info!(user = %user, client = %source, relay_public = public.as_deref().unwrap_or("none"), "app socket intercepted");
     let live = shared.registry.open(user.name(), source, "transparent");
     let mut direct: Option<UdpSocket> = None;
-    // The public port of the last bind, asked for again when a new one opens.
-    let mut public_port = bind.as_ref().map(|b| b.public_address().port());
+    if let Some(b) = &bind {
+        public_port = Some(b.public_address().port());
+        ports.set(source, public_port);
+    }
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -312,6 +389,7 @@ async fn app(
                             Ok(Ok(b)) => {
                                 info!(user = %user, client = %source, public = %b.public_address(), "relay bind open");
                                 public_port = Some(b.public_address().port());
+                                ports.set(source, public_port);
                                 Some(b)
                             }
                             Ok(Err(e)) => {
@@ -369,5 +447,41 @@ async fn app(
             }
         }
     }
+    // Released for good (idle or closed), not lost to a crash: its port need not be kept.
+    if !shutdown.is_cancelled() {
+        ports.set(source, None);
+    }
     info!(user = %user, client = %source, flows = association.flow_count(), "app socket released");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_ports_survive_a_restart_and_skip_garbage() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ports");
+        let app: SocketAddr = "192.0.2.10:40000".parse().expect("addr");
+        let app6: SocketAddr = "[2001:db8::10]:40001".parse().expect("addr");
+        let ports = PublicPorts::load(Some(path.clone()));
+        assert_eq!(ports.get(app), None);
+        ports.set(app, Some(50_000));
+        ports.set(app6, Some(50_001));
+        let again = PublicPorts::load(Some(path.clone()));
+        assert_eq!(
+            (again.get(app), again.get(app6)),
+            (Some(50_000), Some(50_001))
+        );
+        again.set(app, None);
+        assert_eq!(PublicPorts::load(Some(path.clone())).get(app), None);
+        std::fs::write(
+            &path,
+            "garbage\n1.2.3.4:5 notaport\n192.0.2.10:1 70000\n192.0.2.10:2 3\n",
+        )
+        .expect("write");
+        let parsed = PublicPorts::load(Some(path));
+        assert_eq!(parsed.ports.lock().expect("lock").len(), 1);
+        assert_eq!(parsed.get("192.0.2.10:2".parse().expect("addr")), Some(3));
+    }
 }

@@ -467,12 +467,23 @@ async fn sidecar(
                 .iter()
                 .cloned()
                 .chain(t.groups.iter().map(|g| format!("group {g}")))
+                .chain(t.cgroups.iter().map(|c| format!("cgroup {c}")))
                 .collect()
         })
         .unwrap_or_default();
+    let control = veil::control::socket_path(settings.control.as_ref());
+    let ports_file = settings.transparent.as_ref().map(|t| {
+        t.ports_file.clone().unwrap_or_else(|| {
+            control
+                .parent()
+                .unwrap_or(Path::new("/run/veil"))
+                .join("ports")
+        })
+    });
     let extras = Extras {
         interception,
-        control: Some(veil::control::socket_path(settings.control.as_ref())),
+        ports_file,
+        control: Some(control),
         metrics: settings.metrics,
         managed,
     };
@@ -491,6 +502,8 @@ async fn sidecar(
 #[derive(Default)]
 struct Extras {
     interception: Option<veil::firewall::Interception>,
+    /// Where the transparent listener keeps each app socket's public port.
+    ports_file: Option<PathBuf>,
     control: Option<PathBuf>,
     metrics: Option<SocketAddr>,
     managed: Vec<String>,
@@ -659,6 +672,7 @@ async fn serve_sidecar(
         control,
         metrics,
         managed,
+        ports_file,
     } = extras;
     use tokio::signal::unix::{SignalKind, signal};
     let tunnel = config.tunnel.clone();
@@ -669,8 +683,9 @@ async fn serve_sidecar(
     if let Some(i) = interception {
         let (h, token) = (handle.clone(), shutdown.clone());
         let port = i.port;
+        let ports = veil::intercept::PublicPorts::load(ports_file);
         tokio::spawn(async move {
-            if let Err(e) = veil::intercept::run(h, port, token).await {
+            if let Err(e) = veil::intercept::run(h, port, ports, token).await {
                 error!("{e}; managed users' UDP is dropped by the firewall");
             }
         });

@@ -20,6 +20,7 @@
 //! users = ["alice"]
 //! groups = ["callers"]
 //! cgroups = ["veil.slice"]             # and every process below these cgroups (per app)
+//! # ports_file = "/run/veil/ports"     # each app socket's public port, kept across restarts
 //! port = 15353                         # the listener on 127.0.0.1 and ::1
 //! mark = 7697                          # fwmark and routing table (0x1e11)
 //! ```
@@ -55,6 +56,8 @@ pub struct TransparentSettings {
     pub groups: Vec<String>,
     /// Managed cgroups (v2), as paths below the cgroup root.
     pub cgroups: Vec<String>,
+    /// Where each app socket's public port is kept (default: beside the control socket).
+    pub ports_file: Option<PathBuf>,
     /// The TPROXY listener port.
     pub port: u16,
     /// The fwmark / routing table.
@@ -104,6 +107,7 @@ struct RawTransparent {
     groups: Vec<String>,
     #[serde(default)]
     cgroups: Vec<String>,
+    ports_file: Option<String>,
     port: Option<u16>,
     mark: Option<u32>,
 }
@@ -162,6 +166,7 @@ impl SidecarConfig {
             users: t.users,
             groups: t.groups,
             cgroups: t.cgroups,
+            ports_file: t.ports_file.map(|p| base.join(p)),
             port: t.port.unwrap_or(crate::firewall::DEFAULT_PORT),
             mark: t.mark.unwrap_or(crate::firewall::DEFAULT_MARK),
         });

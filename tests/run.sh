@@ -11,7 +11,7 @@ FUZZ_SECONDS=${FUZZ_SECONDS:-20}
 step() { printf '\n==> %s\n' "$*"; }
 
 step "system packages"
-packages=(nftables tcpdump dante-server iproute2 curl util-linux systemd python3-minimal python3-venv coturn)
+packages=(nftables tcpdump dante-server iproute2 curl util-linux systemd python3-minimal python3-venv coturn baresip-core kamailio)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -22,8 +22,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-# Dante's package starts a daemon on install on some systems; the tests run their own.
-systemctl disable --now danted >/dev/null 2>&1 || true
+# Dante and kamailio start daemons on install on some systems; the tests run their own.
+systemctl disable --now danted kamailio >/dev/null 2>&1 || true
 
 step "python venv with pinned test clients"
 if [ ! -x target/venv/bin/python ]; then

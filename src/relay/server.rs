@@ -101,8 +101,20 @@ struct Shared {
     binds_total: AtomicU32,
     counters: RelayCounters,
     started: Instant,
-    /// Ports of the live binds on the public address: the only own-address destinations.
-    bind_ports: Mutex<HashSet<u16>>,
+    /// The live binds on the public address, by port: the only own-address destinations,
+    /// and who holds each (a newer bind of the same user may take a port over).
+    bind_ports: Mutex<HashMap<u16, PortHolder>>,
+    /// Numbers the binds, to tell holders apart.
+    next_bind: AtomicU64,
+}
+
+/// The bind that holds a public port.
+#[derive(Debug)]
+struct PortHolder {
+    user: String,
+    bind: u64,
+    /// Ends that bind.
+    release: CancellationToken,
 }
 
 impl Shared {
@@ -112,7 +124,7 @@ impl Shared {
             && self
                 .bind_ports
                 .lock()
-                .is_ok_and(|p| p.contains(&peer.port()))
+                .is_ok_and(|p| p.contains_key(&peer.port()))
     }
 
     /// Whether a bind may send to `peer`: the egress policy, or another bind of this relay.
@@ -334,7 +346,8 @@ impl Relay {
             binds_total: AtomicU32::new(0),
             counters: RelayCounters::default(),
             started: Instant::now(),
-            bind_ports: Mutex::new(HashSet::new()),
+            bind_ports: Mutex::new(HashMap::new()),
+            next_bind: AtomicU64::new(0),
         });
         Ok(Self { endpoint, shared })
     }
@@ -661,6 +674,33 @@ async fn serve_tcp(
 /// Room for the HTTP Datagram prefix and an uncompressed address before a payload.
 use crate::HEADROOM;
 
+/// Binds `addr` (a preferred public port). If a bind of the same user holds it — the bind of a
+/// sidecar that restarted and has not been noticed gone — that bind is ended and the port
+/// taken over; another user's port is never taken.
+async fn bind_preferred(shared: &Shared, user: &str, addr: SocketAddr) -> io::Result<UdpSocket> {
+    let first = UdpSocket::bind(addr).await;
+    if first.is_ok() {
+        return first;
+    }
+    let released = shared.bind_ports.lock().ok().and_then(|ports| {
+        let holder = ports.get(&addr.port()).filter(|h| h.user == user)?;
+        holder.release.cancel();
+        Some(())
+    });
+    if released.is_none() {
+        return first;
+    }
+    // The old bind's task closes its socket when it notices; give it a moment.
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        if let Ok(s) = UdpSocket::bind(addr).await {
+            info!(user, public = %addr, "public port taken over from an older bind of the same user");
+            return Ok(s);
+        }
+    }
+    first
+}
+
 /// What a UDP request is for.
 enum Target {
     /// A bind (any peer), preferably on this port.
@@ -686,7 +726,7 @@ async fn serve_udp(
     let ip = shared.config.public_address;
     let mut socket = Err(io::Error::other("no preferred port"));
     if let Some(port) = preferred {
-        socket = UdpSocket::bind(SocketAddr::new(ip, port)).await;
+        socket = bind_preferred(shared, &user, SocketAddr::new(ip, port)).await;
         if socket.is_err() {
             debug!(user = %user, port, "preferred public port taken; picking another");
         }
@@ -749,14 +789,26 @@ async fn serve_udp(
         t.insert(quarter, tunnel.clone());
     }
     let hairpin_port = fixed.is_none().then_some(bound.port());
+    let id = shared.next_bind.fetch_add(1, Ordering::Relaxed);
+    let release = CancellationToken::new();
     if let (Some(port), Ok(mut ports)) = (hairpin_port, shared.bind_ports.lock()) {
-        ports.insert(port);
+        let holder = PortHolder {
+            user: user.clone(),
+            bind: id,
+            release: release.clone(),
+        };
+        ports.insert(port, holder);
     }
-    if stream.send_response(resp).await.is_err() {
-        tunnels.lock().map(|mut t| t.remove(&quarter)).ok();
-        if let (Some(port), Ok(mut ports)) = (hairpin_port, shared.bind_ports.lock()) {
+    let forget_port = || {
+        if let (Some(port), Ok(mut ports)) = (hairpin_port, shared.bind_ports.lock())
+            && ports.get(&port).is_some_and(|h| h.bind == id)
+        {
             ports.remove(&port);
         }
+    };
+    if stream.send_response(resp).await.is_err() {
+        tunnels.lock().map(|mut t| t.remove(&quarter)).ok();
+        forget_port();
         return;
     }
     bump(&shared.counters.requests_accepted);
@@ -768,6 +820,7 @@ async fn serve_udp(
     let reason = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break "shutdown",
+            _ = release.cancelled() => break "port taken over by a newer bind of the same user",
             data = stream.recv_data() => match data {
                 Ok(Some(data)) => {
                     capsules.put(data);
@@ -805,9 +858,8 @@ async fn serve_udp(
         }
     };
     tunnels.lock().map(|mut t| t.remove(&quarter)).ok();
-    if let (Some(port), Ok(mut ports)) = (hairpin_port, shared.bind_ports.lock()) {
-        ports.remove(&port);
-    }
+    forget_port();
+    drop(tunnel);
     let _ = stream.finish().await;
     info!(user = %user, public = %bound, reason, "udp tunnel closed");
 }

@@ -150,19 +150,25 @@ pub struct Capture {
 impl Capture {
     /// Starts capturing on `role`'s interface with a pcap `filter`; returns once tcpdump listens.
     pub fn start(t: &Topology, role: &str, filter: &str) -> Self {
-        Self::start_on(t, role, &t.iface(role), filter)
+        Self::start_on(t, role, &t.iface(role), filter, "-q")
     }
 
     /// Starts capturing on every interface of `role`'s namespace (e.g. the router).
     pub fn start_all(t: &Topology, role: &str, filter: &str) -> Self {
-        Self::start_on(t, role, "any", filter)
+        Self::start_on(t, role, "any", filter, "-q")
     }
 
-    fn start_on(t: &Topology, role: &str, iface: &str, filter: &str) -> Self {
+    /// Like `start_all`, with each packet's payload as text lines after its summary line.
+    #[allow(dead_code)] // not every test binary reads payloads
+    pub fn start_all_payloads(t: &Topology, role: &str, filter: &str) -> Self {
+        Self::start_on(t, role, "any", filter, "-A")
+    }
+
+    fn start_on(t: &Topology, role: &str, iface: &str, filter: &str, detail: &str) -> Self {
         use std::io::BufRead;
         let mut child = t
             .command(role, "tcpdump")
-            .args(["-i", iface, "-n", "-l", "-q", "-U", filter])
+            .args(["-i", iface, "-n", "-l", detail, "-U", filter])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
