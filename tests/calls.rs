@@ -135,6 +135,38 @@ fn sidecar(t: &Topology, role: &str, pki: &Pki) -> Sidecar {
     s
 }
 
+/// Two masked users (alice and bob, each behind a transparent sidecar), the relay and the STUN
+/// server: where every call test starts. Dropped in this order: sidecars, STUN, relay, then
+/// the namespaces.
+struct Masked {
+    _alice: Sidecar,
+    _bob: Sidecar,
+    _stun: Stun,
+    _relay: support::Daemon,
+    _pki: Pki,
+    t: Topology,
+}
+
+impl Masked {
+    fn start() -> Self {
+        let t = topology();
+        let pki = Pki::generate(RELAY_IP);
+        let relay = spawn_relay(
+            Some(&t.ns("l")),
+            &pki.relay_config("relay.toml", RELAY, "allow = [\"203.0.113.128/25\"]\n"),
+        );
+        let stun = Stun::start(&t);
+        Self {
+            _alice: sidecar(&t, "a", &pki),
+            _bob: sidecar(&t, "b", &pki),
+            _stun: stun,
+            _relay: relay,
+            _pki: pki,
+            t,
+        }
+    }
+}
+
 fn peer(t: &Topology, role: &str, which: &str, signal: &std::path::Path, seconds: u32) -> Child {
     peer_with(t, role, which, signal, seconds, 5)
 }
@@ -248,27 +280,20 @@ fn outcome(child: Child) -> Outcome {
 fn webrtc_call_between_two_masked_users_leaks_nothing() {
     let _ = call_python();
     let _serial = one_at_a_time();
-    let t = topology();
-    let pki = Pki::generate(RELAY_IP);
-    let relay = spawn_relay(
-        Some(&t.ns("l")),
-        &pki.relay_config("relay.toml", RELAY, "allow = [\"203.0.113.128/25\"]\n"),
-    );
-    let _stun = Stun::start(&t);
-    let alice = sidecar(&t, "a", &pki);
-    let bob = sidecar(&t, "b", &pki);
+    let m = Masked::start();
+    let t = &m.t;
 
     let leak_filter = leak_filter();
-    let leaks = Capture::start_all(&t, "r", &leak_filter);
-    let all = Capture::start_all(&t, "r", "udp");
+    let leaks = Capture::start_all(t, "r", &leak_filter);
+    let all = Capture::start_all(t, "r", "udp");
     let signal = tempfile::tempdir().expect("tempdir");
     std::fs::set_permissions(
         signal.path(),
         std::os::unix::fs::PermissionsExt::from_mode(0o777),
     )
     .expect("chmod");
-    let offer = peer(&t, "a", "offer", signal.path(), 5);
-    let answer = peer(&t, "b", "answer", signal.path(), 5);
+    let offer = peer(t, "a", "offer", signal.path(), 5);
+    let answer = peer(t, "b", "answer", signal.path(), 5);
     let (a, b) = (outcome(offer), outcome(answer));
     let leaked = leaks.stop();
     let captured = all.stop();
@@ -309,9 +334,7 @@ fn webrtc_call_between_two_masked_users_leaks_nothing() {
         leaked.is_empty(),
         "packets with alice's or bob's address went elsewhere than the relay: {leaked:?}"
     );
-    drop(alice);
-    drop(bob);
-    drop(relay);
+    drop(m);
 }
 
 /// The oracle itself: the same call with no veil in the way is seen leaking.
@@ -782,26 +805,19 @@ fn wav_seconds_and_rms(wav: &[u8]) -> (f64, f64) {
 #[test]
 fn sip_call_between_two_masked_users_leaks_nothing() {
     let _serial = one_at_a_time();
-    let t = topology();
-    let pki = Pki::generate(RELAY_IP);
-    let relay = spawn_relay(
-        Some(&t.ns("l")),
-        &pki.relay_config("relay.toml", RELAY, "allow = [\"203.0.113.128/25\"]\n"),
-    );
-    let _stun = Stun::start(&t);
-    let _sip = SipServer::start(&t);
-    let alice = sidecar(&t, "a", &pki);
-    let bob = sidecar(&t, "b", &pki);
-    let leaks = Capture::start_all(&t, "r", &leak_filter());
-    let all = Capture::start_all(&t, "r", "udp");
+    let m = Masked::start();
+    let t = &m.t;
+    let _sip = SipServer::start(t);
+    let leaks = Capture::start_all(t, "r", &leak_filter());
+    let all = Capture::start_all(t, "r", "udp");
     // Signalling from the SIP server towards the relay (so towards the users), as text.
     let signalling = Capture::start_all_payloads(
-        &t,
+        t,
         "r",
         &format!("udp and src host {SIP_SERVER} and src port 5060"),
     );
 
-    let callee = Baresip::start(&t, "b", "bob", 660, None, 16);
+    let callee = Baresip::start(t, "b", "bob", 660, None, 16);
     assert!(
         callee.wait_for("200 OK", Duration::from_secs(8)).is_some(),
         "bob did not register:\n{}",
@@ -809,7 +825,7 @@ fn sip_call_between_two_masked_users_leaks_nothing() {
     );
     let dialled = now();
     let caller = Baresip::start(
-        &t,
+        t,
         "a",
         "alice",
         440,
@@ -858,7 +874,5 @@ fn sip_call_between_two_masked_users_leaks_nothing() {
         leaked.is_empty(),
         "packets with alice's or bob's address went elsewhere than the relay: {leaked:?}"
     );
-    drop(alice);
-    drop(bob);
-    drop(relay);
+    drop(m);
 }
