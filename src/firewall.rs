@@ -56,6 +56,9 @@ pub struct Interception {
     /// Managed cgroups (v2): every process below one is managed, whoever runs it — how IT
     /// manages one app rather than a whole user.
     pub cgroups: Vec<ManagedCgroup>,
+    /// Cgroups whose sockets get no UDP from the network except through veil, without their
+    /// own UDP being managed: the session slices of managed users (see [`user_slices`]).
+    pub inbound_cgroups: Vec<ManagedCgroup>,
     /// The TPROXY listener port on 127.0.0.1 and ::1.
     pub port: u16,
     /// The fwmark (and routing table) for intercepted packets.
@@ -142,6 +145,16 @@ impl ManagedCgroup {
     fn selector(&self) -> String {
         format!("socket cgroupv2 level {} \"{}\"", self.level, self.nft_path)
     }
+}
+
+/// The systemd session slices (`user.slice/user-UID.slice`) of these users that exist now.
+/// nftables cannot match a socket's owner on input, but it can match its cgroup: with these,
+/// a managed user's apps hear the network only through veil, as cgroup-managed apps do. A
+/// slice appears at login; the sidecar looks again every few seconds.
+pub fn user_slices(uids: &[u32]) -> Vec<ManagedCgroup> {
+    uids.iter()
+        .filter_map(|uid| ManagedCgroup::resolve(&format!("user.slice/user-{uid}.slice")).ok())
+        .collect()
 }
 
 /// Why the firewall could not be changed.
@@ -238,7 +251,7 @@ pub fn ruleset(i: &Interception) -> String {
     // The socket a packet is for, looked up: a managed app gets UDP only through veil (over
     // lo), never straight from the network. (Sockets of managed *users* cannot be told apart
     // here: nftables has no socket-owner match on input.)
-    for c in &i.cgroups {
+    for c in i.cgroups.iter().chain(&i.inbound_cgroups) {
         let _ = writeln!(
             out,
             "    meta l4proto udp iifname != \"lo\" {} drop",
@@ -430,6 +443,7 @@ mod tests {
             gids: vec![],
             routed_uids: vec![1001, 1002],
             cgroups: vec![],
+            inbound_cgroups: vec![],
             port: 15353,
             mark: 0x1e11,
         });
@@ -481,6 +495,7 @@ mod tests {
             gids: vec![65534],
             routed_uids: vec![65534],
             cgroups: vec![],
+            inbound_cgroups: vec![],
             port: 15353,
             mark: 0x1e11,
         });
@@ -512,6 +527,7 @@ mod tests {
             gids: vec![],
             routed_uids: vec![],
             cgroups: vec![c],
+            inbound_cgroups: vec![],
             port: 15353,
             mark: 0x1e11,
         });

@@ -348,6 +348,7 @@ fn interception(
     Ok(veil::firewall::Interception {
         uids,
         gids,
+        inbound_cgroups: veil::firewall::user_slices(&routed_uids),
         routed_uids,
         cgroups,
         port: t.port,
@@ -535,18 +536,30 @@ async fn relay(path: &Path) -> anyhow::Result<()> {
 
 /// Checks every few seconds that the firewall table is intact; reinstalls it if another tool
 /// removed it.
-async fn guard_firewall(i: veil::firewall::Interception, shutdown: CancellationToken) {
+async fn guard_firewall(mut i: veil::firewall::Interception, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
         }
+        let uids = i.routed_uids.clone();
+        let slices = tokio::task::spawn_blocking(move || veil::firewall::user_slices(&uids)).await;
+        let changed = slices.as_ref().is_ok_and(|s| *s != i.inbound_cgroups);
+        if let (true, Ok(slices)) = (changed, slices) {
+            let paths: Vec<&str> = slices.iter().map(|c| c.path.as_str()).collect();
+            info!(slices = ?paths, "managed users' session cgroups changed; updating the firewall");
+            i.inbound_cgroups = slices;
+        }
         let check = tokio::task::spawn_blocking(veil::firewall::is_intact).await;
-        if check.is_ok_and(|intact| !intact) {
+        let removed = check.is_ok_and(|intact| !intact);
+        if removed {
             error!("veil's firewall table was removed by another tool; reinstalling it");
+        }
+        if removed || changed {
             let i = i.clone();
             match tokio::task::spawn_blocking(move || veil::firewall::install(&i)).await {
-                Ok(Ok(())) => warn!("firewall reinstalled"),
+                Ok(Ok(())) if removed => warn!("firewall reinstalled"),
+                Ok(Ok(())) => info!("firewall updated"),
                 Ok(Err(e)) => error!(error = %e, "cannot reinstall the firewall"),
                 Err(e) => error!(error = %e, "cannot reinstall the firewall"),
             }
@@ -736,7 +749,12 @@ async fn serve_sidecar(
                         // The ruleset first, in one transaction; only if it went in is the new
                         // policy swapped in, so old policy and old ruleset stay together.
                         let applied = match &reinstall {
-                            Some(i) => veil::firewall::install(i),
+                            Some(i) => {
+                                // With the users' session slices as they are now.
+                                let mut i = i.clone();
+                                i.inbound_cgroups = veil::firewall::user_slices(&i.routed_uids);
+                                veil::firewall::install(&i)
+                            }
                             None => Ok(()),
                         };
                         match applied {

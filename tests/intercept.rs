@@ -417,15 +417,27 @@ fn reload_under_traffic_keeps_allowed_flows_and_cuts_the_others() {
     drop(relay);
 }
 
-/// A cgroup v2 made for one test, removed on drop (after its processes have exited).
+/// A cgroup v2 made for one test, removed on drop (after its processes have exited), with any
+/// parent the test had to create.
 struct TestCgroup {
     /// The path below the cgroup v2 root.
     name: String,
     dir: std::path::PathBuf,
+    /// Directories this test created, innermost first.
+    created: Vec<std::path::PathBuf>,
 }
 
 impl TestCgroup {
     fn new() -> Self {
+        Self::at(&format!(
+            "veil-test-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ))
+    }
+
+    /// The cgroup at `name` below the root, made with whatever parents are missing.
+    fn at(name: &str) -> Self {
         let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
         let root = mounts
             .lines()
@@ -434,10 +446,22 @@ impl TestCgroup {
                 (f.get(2) == Some(&"cgroup2")).then(|| f[1].to_owned())
             })
             .expect("a cgroup v2 hierarchy is mounted (CI must provide one)");
-        let name = format!("veil-test-{}-{}", std::process::id(), fastrand::u32(..));
-        let dir = std::path::Path::new(&root).join(&name);
-        std::fs::create_dir(&dir).expect("create cgroup");
-        Self { name, dir }
+        let dir = std::path::Path::new(&root).join(name);
+        let mut created: Vec<std::path::PathBuf> = dir
+            .ancestors()
+            .take_while(|p| !p.exists())
+            .map(std::path::Path::to_path_buf)
+            .collect();
+        created.reverse();
+        for d in &created {
+            std::fs::create_dir(d).expect("create cgroup");
+        }
+        created.reverse();
+        Self {
+            name: name.to_owned(),
+            dir,
+            created,
+        }
     }
 
     /// A shell line that moves itself into the cgroup and then runs `program`.
@@ -448,11 +472,13 @@ impl TestCgroup {
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.dir).is_ok() {
-                return;
+        for d in &self.created {
+            for _ in 0..50 {
+                if std::fs::remove_dir(d).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
             }
-            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }
@@ -480,15 +506,23 @@ except OSError:
     print("none", flush=True)
 "#;
 
-/// Runs RECEIVER in namespace `c` (inside `cgroup` if given) while `e` sends to it; returns
-/// what it printed last.
-fn unsolicited(t: &Topology, cgroup: Option<&TestCgroup>, port: u16) -> String {
+/// Runs RECEIVER in namespace `c` (inside `cgroup` if given, as `nobody` if `as_nobody`) while
+/// `e` sends to it; returns what it printed last.
+fn unsolicited(t: &Topology, cgroup: Option<&TestCgroup>, as_nobody: bool, port: u16) -> String {
     use std::io::BufRead;
     let enter = cgroup
         .map(TestCgroup::enter)
         .unwrap_or_else(|| "exec".into());
+    let user = if as_nobody {
+        "setpriv --reuid=nobody --regid=nogroup --clear-groups"
+    } else {
+        ""
+    };
     let mut child = in_ns_keeping_mounts(t, "c", "sh")
-        .args(["-c", &format!("{enter} /usr/bin/python3 -c \"$0\" \"$@\"")])
+        .args([
+            "-c",
+            &format!("{enter} {user} /usr/bin/python3 -c \"$0\" \"$@\""),
+        ])
         .args([RECEIVER, &port.to_string(), "3"])
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -582,8 +616,11 @@ fn an_app_in_a_managed_cgroup_is_intercepted_whoever_runs_it_and_gets_no_unsolic
 
     // Unsolicited UDP from the network reaches an app outside the cgroup (the control) but
     // not one inside it.
-    assert_eq!(unsolicited(&t, None, 9000), "got knock from 203.0.113.2");
-    assert_eq!(unsolicited(&t, Some(&cgroup), 9001), "none");
+    assert_eq!(
+        unsolicited(&t, None, false, 9000),
+        "got knock from 203.0.113.2"
+    );
+    assert_eq!(unsolicited(&t, Some(&cgroup), false, 9001), "none");
 
     drop(sidecar);
     firewall_remove(&t);
@@ -648,4 +685,48 @@ fn ipv6_udp_of_a_managed_user_is_intercepted_and_relayed_over_ipv6() {
     drop(sidecar);
     firewall_remove(&t);
     drop(relay);
+}
+
+#[test]
+fn a_managed_users_session_gets_no_unsolicited_udp_once_its_slice_appears() {
+    let t = topology();
+    let pki = Pki::generate(RELAY_IP);
+    let relay = spawn_relay(
+        Some(&t.ns("l")),
+        &pki.relay_config("relay.toml", RELAY, "allow = [\"203.0.113.0/24\"]\n"),
+    );
+    let config = sidecar_config(&pki, pki.dir.path());
+    let sidecar = start_sidecar(&t, &config);
+    assert!(
+        sidecar
+            .wait_log(&["tunnel connected"], Duration::from_secs(10))
+            .is_some()
+    );
+    // Before nobody has a session slice, nftables cannot tell its sockets on input: an
+    // unsolicited datagram reaches it (the gap this closes).
+    assert_eq!(
+        unsolicited(&t, None, true, 9000),
+        "got knock from 203.0.113.2"
+    );
+    // nobody logs in: systemd would make its slice; the sidecar picks it up within seconds.
+    let slice = TestCgroup::at("user.slice/user-65534.slice");
+    assert!(
+        sidecar
+            .wait_log(
+                &["session cgroups changed", "user-65534.slice"],
+                Duration::from_secs(10)
+            )
+            .is_some(),
+        "the sidecar did not notice the new session slice"
+    );
+    assert_eq!(unsolicited(&t, Some(&slice), true, 9001), "none");
+    // The same user outside its slice (no session) still gets it: the rule is the slice's.
+    assert_eq!(
+        unsolicited(&t, None, true, 9002),
+        "got knock from 203.0.113.2"
+    );
+    drop(sidecar);
+    firewall_remove(&t);
+    drop(relay);
+    drop(slice);
 }
