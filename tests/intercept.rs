@@ -91,6 +91,25 @@ fn start_sidecar(t: &Topology, config: &std::path::Path) -> Sidecar {
         .spawn()
 }
 
+/// The relay in namespace `l`, allowed to reach the echo network.
+fn start_relay(t: &Topology, pki: &Pki) -> support::Daemon {
+    spawn_relay(
+        Some(&t.ns("l")),
+        &pki.relay_config("relay.toml", RELAY, "allow = [\"203.0.113.0/24\"]\n"),
+    )
+}
+
+/// A sidecar in `c` whose tunnel is up.
+fn start_connected(t: &Topology, config: &std::path::Path) -> Sidecar {
+    let sidecar = start_sidecar(t, config);
+    assert!(
+        sidecar
+            .wait_log(&["tunnel connected"], Duration::from_secs(10))
+            .is_some()
+    );
+    sidecar
+}
+
 /// UDP on the client's link that is neither tunnel traffic nor root's own test flow.
 fn leak_capture(t: &Topology) -> Capture {
     Capture::start(
@@ -116,10 +135,7 @@ fn firewall_remove(t: &Topology) {
 fn managed_user_is_intercepted_and_relayed_root_is_untouched() {
     let t = topology();
     let pki = Pki::generate(RELAY_IP);
-    let relay = spawn_relay(
-        Some(&t.ns("l")),
-        &pki.relay_config("relay.toml", RELAY, "allow = [\"203.0.113.0/24\"]\n"),
-    );
+    let relay = start_relay(&t, &pki);
     let managed_echo = UdpEcho::spawn_in(Some(&t.ns("e")), MANAGED_ECHO);
     let root_echo = UdpEcho::spawn_in(Some(&t.ns("e")), ROOT_ECHO);
     let config = sidecar_config(&pki, pki.dir.path());
@@ -313,19 +329,11 @@ ping("after")
 fn reload_under_traffic_keeps_allowed_flows_and_cuts_the_others() {
     let t = topology();
     let pki = Pki::generate(RELAY_IP);
-    let relay = spawn_relay(
-        Some(&t.ns("l")),
-        &pki.relay_config("relay.toml", RELAY, "allow = [\"203.0.113.0/24\"]\n"),
-    );
+    let relay = start_relay(&t, &pki);
     let kept = UdpEcho::spawn_in(Some(&t.ns("e")), MANAGED_ECHO);
     let cut = UdpEcho::spawn_in(Some(&t.ns("e")), "203.0.113.2:7002");
     let config = sidecar_config(&pki, pki.dir.path());
-    let sidecar = start_sidecar(&t, &config);
-    assert!(
-        sidecar
-            .wait_log(&["tunnel connected"], Duration::from_secs(10))
-            .is_some()
-    );
+    let sidecar = start_connected(&t, &config);
 
     let shared = tempfile::tempdir().expect("tempdir");
     std::fs::set_permissions(
@@ -552,10 +560,7 @@ fn an_app_in_a_managed_cgroup_is_intercepted_whoever_runs_it_and_gets_no_unsolic
     let t = topology();
     let cgroup = TestCgroup::new();
     let pki = Pki::generate(RELAY_IP);
-    let relay = spawn_relay(
-        Some(&t.ns("l")),
-        &pki.relay_config("relay.toml", RELAY, "allow = [\"203.0.113.0/24\"]\n"),
-    );
+    let relay = start_relay(&t, &pki);
     let managed_echo = UdpEcho::spawn_in(Some(&t.ns("e")), MANAGED_ECHO);
     let root_echo = UdpEcho::spawn_in(Some(&t.ns("e")), ROOT_ECHO);
     let config = pki.dir.path().join("sidecar.toml");
@@ -571,12 +576,7 @@ fn an_app_in_a_managed_cgroup_is_intercepted_whoever_runs_it_and_gets_no_unsolic
         ),
     )
     .expect("write sidecar config");
-    let sidecar = start_sidecar(&t, &config);
-    assert!(
-        sidecar
-            .wait_log(&["tunnel connected"], Duration::from_secs(10))
-            .is_some()
-    );
+    let sidecar = start_connected(&t, &config);
     let capture = leak_capture(&t);
 
     // root, inside the managed cgroup: intercepted and relayed like a managed user.
@@ -657,12 +657,7 @@ fn ipv6_udp_of_a_managed_user_is_intercepted_and_relayed_over_ipv6() {
         ),
     )
     .expect("write sidecar config");
-    let sidecar = start_sidecar(&t, &config);
-    assert!(
-        sidecar
-            .wait_log(&["tunnel connected"], Duration::from_secs(10))
-            .is_some()
-    );
+    let sidecar = start_connected(&t, &config);
     let capture = Capture::start(&t, "c", &format!("udp and not host {RELAY6}"));
 
     let lines = send_as(&t, Some("nobody"), ECHO6, "2", &["a", "b", "c"]);
@@ -691,17 +686,9 @@ fn ipv6_udp_of_a_managed_user_is_intercepted_and_relayed_over_ipv6() {
 fn a_managed_users_session_gets_no_unsolicited_udp_once_its_slice_appears() {
     let t = topology();
     let pki = Pki::generate(RELAY_IP);
-    let relay = spawn_relay(
-        Some(&t.ns("l")),
-        &pki.relay_config("relay.toml", RELAY, "allow = [\"203.0.113.0/24\"]\n"),
-    );
+    let relay = start_relay(&t, &pki);
     let config = sidecar_config(&pki, pki.dir.path());
-    let sidecar = start_sidecar(&t, &config);
-    assert!(
-        sidecar
-            .wait_log(&["tunnel connected"], Duration::from_secs(10))
-            .is_some()
-    );
+    let sidecar = start_connected(&t, &config);
     // Before nobody has a session slice, nftables cannot tell its sockets on input: an
     // unsolicited datagram reaches it (the gap this closes).
     assert_eq!(
