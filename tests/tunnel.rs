@@ -147,8 +147,11 @@ fn relayed_udp_is_seen_from_one_relay_address_by_every_peer() {
 }
 
 struct Stream {
+    /// (seconds since `start`, sequence number) of each echo.
     replies: Vec<(f64, u64)>,
     sent: u64,
+    /// When the client started, on CLOCK_MONOTONIC.
+    start: f64,
 }
 
 fn stream(t: &Topology, proxy: SocketAddr, target: &str, seconds: u32) -> std::process::Child {
@@ -168,12 +171,19 @@ fn stream(t: &Topology, proxy: SocketAddr, target: &str, seconds: u32) -> std::p
         .expect("stream client")
 }
 
+/// Seconds on CLOCK_MONOTONIC (Python's `time.monotonic`).
+fn monotonic() -> f64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map_or(0.0, |t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
+}
+
 fn finish(child: std::process::Child) -> Stream {
     let out = child.wait_with_output().expect("stream client");
     let text = String::from_utf8_lossy(&out.stdout);
     let mut s = Stream {
         replies: Vec::new(),
         sent: 0,
+        start: 0.0,
     };
     for line in text.lines() {
         let parts: Vec<&str> = line.split_whitespace().collect();
@@ -182,6 +192,7 @@ fn finish(child: std::process::Child) -> Stream {
                 .replies
                 .push((t.parse().unwrap_or(0.0), seq.parse().unwrap_or(0))),
             ["sent", n] => s.sent = n.parse().unwrap_or(0),
+            ["start", t] => s.start = t.parse().unwrap_or(0.0),
             _ => {}
         }
     }
@@ -202,12 +213,14 @@ fn relay_killed_mid_stream_fails_closed_then_recovers() {
 
     let client = stream(&t, sidecar.addr, ECHO_1, 14);
     std::thread::sleep(Duration::from_secs(3));
+    // Moments on CLOCK_MONOTONIC, which the client's `start` is on too.
     relay.kill();
-    let killed_at = 3.0;
+    let killed = monotonic();
     std::thread::sleep(Duration::from_secs(3));
+    let restarting = monotonic();
     let relay = spawn_relay(Some(&t.ns("l")), &config);
-    let restarted_at = 6.0;
     let s = finish(client);
+    let (killed_at, restarted_at) = (killed - s.start, restarting - s.start);
     let leaked = capture.stop();
 
     let before = s.replies.iter().filter(|(t, _)| *t < killed_at).count();

@@ -1,6 +1,7 @@
 """PySocks UDP as a media-like sender: one numbered packet every INTERVAL seconds for DURATION
 seconds through one association, printing `reply SECONDS SEQ` for each echo received (seconds
-since start) and `sent N` at the end.
+since start), `start SECONDS` first (the start on CLOCK_MONOTONIC, which the test's clock shares)
+and `sent N` at the end.
 
 usage: pysocks_stream.py PROXY_HOST PROXY_PORT TARGET_HOST TARGET_PORT DURATION INTERVAL
 """
@@ -15,6 +16,7 @@ host, port, thost, tport, duration, interval = sys.argv[1:7]
 s = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
 s.set_proxy(socks.SOCKS5, host, int(port))
 start = time.monotonic()
+print("start %.6f" % start, flush=True)
 seq = 0
 next_send = start
 end = start + float(duration)
