@@ -113,6 +113,8 @@ struct Shared {
 struct PortHolder {
     user: String,
     bind: u64,
+    /// The QUIC connection it came on (`stable_id`).
+    conn: usize,
     /// Ends that bind.
     release: CancellationToken,
 }
@@ -674,16 +676,24 @@ async fn serve_tcp(
 /// Room for the HTTP Datagram prefix and an uncompressed address before a payload.
 use crate::HEADROOM;
 
-/// Binds `addr` (a preferred public port). If a bind of the same user holds it — the bind of a
-/// sidecar that restarted and has not been noticed gone — that bind is ended and the port
-/// taken over; another user's port is never taken.
-async fn bind_preferred(shared: &Shared, user: &str, addr: SocketAddr) -> io::Result<UdpSocket> {
+/// Binds `addr` (a preferred public port). If a bind of the same user on *another* connection
+/// holds it — the bind of a sidecar that restarted and has not been noticed gone — that bind is
+/// ended and the port taken over. Another user's port is never taken, nor one of the same
+/// connection (two of its app sockets must not take a port back and forth).
+async fn bind_preferred(
+    shared: &Shared,
+    user: &str,
+    conn: usize,
+    addr: SocketAddr,
+) -> io::Result<UdpSocket> {
     let first = UdpSocket::bind(addr).await;
     if first.is_ok() {
         return first;
     }
     let released = shared.bind_ports.lock().ok().and_then(|ports| {
-        let holder = ports.get(&addr.port()).filter(|h| h.user == user)?;
+        let holder = ports
+            .get(&addr.port())
+            .filter(|h| h.user == user && h.conn != conn)?;
         holder.release.cancel();
         Some(())
     });
@@ -726,7 +736,7 @@ async fn serve_udp(
     let ip = shared.config.public_address;
     let mut socket = Err(io::Error::other("no preferred port"));
     if let Some(port) = preferred {
-        socket = bind_preferred(shared, &user, SocketAddr::new(ip, port)).await;
+        socket = bind_preferred(shared, &user, conn.stable_id(), SocketAddr::new(ip, port)).await;
         if socket.is_err() {
             debug!(user = %user, port, "preferred public port taken; picking another");
         }
@@ -795,6 +805,7 @@ async fn serve_udp(
         let holder = PortHolder {
             user: user.clone(),
             bind: id,
+            conn: conn.stable_id(),
             release: release.clone(),
         };
         ports.insert(port, holder);
