@@ -16,7 +16,6 @@
 #[path = "datapath/scale.rs"]
 mod scale;
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -102,20 +101,7 @@ struct Socks {
 
 impl Socks {
     fn open(proxy: SocketAddr, target: SocketAddr) -> Self {
-        let mut control = TcpStream::connect(proxy).expect("connect sidecar");
-        control.write_all(&[5, 1, 0]).expect("greeting");
-        let mut choice = [0u8; 2];
-        control.read_exact(&mut choice).expect("method");
-        control
-            .write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0])
-            .expect("associate");
-        let mut reply = [0u8; 10];
-        control.read_exact(&mut reply).expect("reply");
-        assert_eq!(reply[1], 0, "associate refused");
-        let relay = SocketAddr::from((
-            [reply[4], reply[5], reply[6], reply[7]],
-            u16::from_be_bytes([reply[8], reply[9]]),
-        ));
+        let (control, relay) = scale::associate(proxy).expect("associate");
         let socket = bench_socket("127.0.0.1:0");
         socket.connect(relay).expect("connect");
         let SocketAddr::V4(t) = target else {
@@ -137,16 +123,7 @@ impl Socks {
     /// for it (socket, bind, tasks), the benchmark only the control connection.
     /// None if the sidecar does not answer within 5 s or refuses.
     fn open_idle(proxy: SocketAddr) -> Option<TcpStream> {
-        let mut control = TcpStream::connect(proxy).ok()?;
-        control
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .ok()?;
-        control
-            .write_all(&[5, 1, 0, 5, 3, 0, 1, 0, 0, 0, 0, 0, 0])
-            .ok()?;
-        let mut reply = [0u8; 12];
-        control.read_exact(&mut reply).ok()?;
-        (reply[3] == 0).then_some(control)
+        scale::associate(proxy).map(|(control, _)| control)
     }
 }
 

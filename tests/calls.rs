@@ -196,6 +196,17 @@ fn peer_with(
         .expect("webrtc peer")
 }
 
+/// A temporary directory every user may write (the apps run as `nobody`).
+fn open_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    dir
+}
+
 #[derive(Debug)]
 struct Outcome {
     state: String,
@@ -286,12 +297,7 @@ fn webrtc_call_between_two_masked_users_leaks_nothing() {
     let leak_filter = leak_filter();
     let leaks = Capture::start_all(t, "r", &leak_filter);
     let all = Capture::start_all(t, "r", "udp");
-    let signal = tempfile::tempdir().expect("tempdir");
-    std::fs::set_permissions(
-        signal.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .expect("chmod");
+    let signal = open_dir();
     let offer = peer(t, "a", "offer", signal.path(), 5);
     let answer = peer(t, "b", "answer", signal.path(), 5);
     let (a, b) = (outcome(offer), outcome(answer));
@@ -346,12 +352,7 @@ fn the_leak_oracle_sees_an_unprotected_call() {
     let _stun = Stun::start(&t);
     let leak_filter = leak_filter();
     let leaks = Capture::start_all(&t, "r", &leak_filter);
-    let signal = tempfile::tempdir().expect("tempdir");
-    std::fs::set_permissions(
-        signal.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .expect("chmod");
+    let signal = open_dir();
     let offer = peer(&t, "a", "offer", signal.path(), 2);
     let answer = peer(&t, "b", "answer", signal.path(), 2);
     let (a, b) = (outcome(offer), outcome(answer));
@@ -397,12 +398,7 @@ fn faults_during_a_call() {
     ];
     for scenario in scenarios {
         let leaks = Capture::start_all(&t, "r", &leak_filter);
-        let signal = tempfile::tempdir().expect("tempdir");
-        std::fs::set_permissions(
-            signal.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o777),
-        )
-        .expect("chmod");
+        let signal = open_dir();
         // Calls meant to survive run long enough to show media after a 10 s outage (QUIC's
         // probe backoff can hold the first packets back a few seconds); the others end early.
         let survives = matches!(

@@ -91,6 +91,18 @@ fn start_sidecar(t: &Topology, config: &std::path::Path) -> Sidecar {
         .spawn()
 }
 
+/// root is not managed: its UDP goes out directly from the client's own address.
+fn assert_root_untouched(t: &Topology, root_echo: &UdpEcho) {
+    let lines = send_as(t, None, ROOT_ECHO, "2", &["r"]);
+    assert_eq!(lines, [format!("reply {ROOT_ECHO} r")]);
+    assert!(
+        root_echo
+            .seen()
+            .iter()
+            .all(|(f, _)| f.ip().to_string() == "192.0.2.2")
+    );
+}
+
 /// The relay in namespace `l`, allowed to reach the echo network.
 fn start_relay(t: &Topology, pki: &Pki) -> support::Daemon {
     spawn_relay(
@@ -176,14 +188,7 @@ fn managed_user_is_intercepted_and_relayed_root_is_untouched() {
     );
 
     // root is not managed: its UDP goes out directly from 192.0.2.2.
-    let lines = send_as(&t, None, ROOT_ECHO, "2", &["r"]);
-    assert_eq!(lines, [format!("reply {ROOT_ECHO} r")]);
-    assert!(
-        root_echo
-            .seen()
-            .iter()
-            .all(|(f, _)| f.ip().to_string() == "192.0.2.2")
-    );
+    assert_root_untouched(&t, &root_echo);
 
     let leaked = capture.stop();
     assert!(
@@ -603,14 +608,7 @@ fn an_app_in_a_managed_cgroup_is_intercepted_whoever_runs_it_and_gets_no_unsolic
         "peer saw {seen:?}"
     );
     // root outside it: untouched.
-    let lines = send_as(&t, None, ROOT_ECHO, "2", &["r"]);
-    assert_eq!(lines, [format!("reply {ROOT_ECHO} r")]);
-    assert!(
-        root_echo
-            .seen()
-            .iter()
-            .all(|(f, _)| f.ip().to_string() == "192.0.2.2")
-    );
+    assert_root_untouched(&t, &root_echo);
     let leaked = capture.stop();
     assert!(leaked.is_empty(), "managed UDP left directly: {leaked:?}");
 

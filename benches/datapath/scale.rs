@@ -90,20 +90,24 @@ impl Peer {
     }
 }
 
-/// Opens a SOCKS5 UDP association; returns the control connection and the sidecar's UDP port.
-fn associate(proxy: SocketAddr) -> (TcpStream, SocketAddr) {
-    let mut control = TcpStream::connect(proxy).expect("connect sidecar");
+/// Opens a SOCKS5 UDP association (greeting and request in one write, as PySocks-shaped
+/// clients pipeline them): the control connection and the sidecar's UDP address, or None if
+/// the sidecar does not answer within 5 s or refuses.
+pub(crate) fn associate(proxy: SocketAddr) -> Option<(TcpStream, SocketAddr)> {
+    let mut control = TcpStream::connect(proxy).ok()?;
+    control
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .ok()?;
     control
         .write_all(&[5, 1, 0, 5, 3, 0, 1, 0, 0, 0, 0, 0, 0])
-        .expect("greeting and associate");
+        .ok()?;
     let mut reply = [0u8; 12];
-    control.read_exact(&mut reply).expect("reply");
-    assert_eq!(reply[3], 0, "associate refused");
+    control.read_exact(&mut reply).ok()?;
     let relay = SocketAddr::from((
         [reply[6], reply[7], reply[8], reply[9]],
         u16::from_be_bytes([reply[10], reply[11]]),
     ));
-    (control, relay)
+    (reply[3] == 0).then_some((control, relay))
 }
 
 /// Each sample's delay variation in ms: its transit minus the least transit of its call.
@@ -131,7 +135,7 @@ pub(crate) fn run(proxy: SocketAddr, calls: usize, seconds: f64) -> Outcome {
     let mut controls = Vec::with_capacity(calls);
     let mut sockets = Vec::with_capacity(calls);
     for _ in 0..calls {
-        let (control, relay) = associate(proxy);
+        let (control, relay) = associate(proxy).expect("associate");
         let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
         socket.connect(relay).expect("connect");
         socket.set_nonblocking(true).expect("nonblocking");
