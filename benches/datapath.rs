@@ -11,6 +11,7 @@
 //! runtime's threads) at 10k pkt/s; their peak RSS. Then, through veil: the largest number of
 //! simulated calls held (see `scale.rs`), and memory per idle association.
 //!
+//! `BENCH_PATHS_ONLY=1` stops after the per-path table (no calls, no idle associations).
 //! `BENCH_PROFILE=FILE` also records a `perf` call graph of the two daemons during the CPU phase.
 
 #[path = "datapath/scale.rs"]
@@ -592,7 +593,10 @@ fn main() {
     // Simulated calls, growing N until one fails the call criteria.
     let mut held = None;
     let mut results = Vec::new();
-    let steps: &[usize] = if quick() {
+    let paths_only = std::env::var_os("BENCH_PATHS_ONLY").is_some();
+    let steps: &[usize] = if paths_only {
+        &[]
+    } else if quick() {
         &[20]
     } else {
         &[100, 250, 375, 500, 750, 1000, 1500, 2000]
@@ -610,7 +614,13 @@ fn main() {
 
     // Memory per idle association, from RSS growth of each process. The sidecar holds two
     // descriptors per association: 8,000 fit a hard limit of 20,000 open files.
-    let n = if quick() { 200 } else { 8_000 };
+    let n = if paths_only {
+        0
+    } else if quick() {
+        200
+    } else {
+        8_000
+    };
     let rss_now = |pid: u32| proc_kib(pid, "VmRSS:");
     let base = pids.map(rss_now);
     let mut idle = Vec::with_capacity(n);
@@ -622,7 +632,8 @@ fn main() {
     }
     assert_eq!(idle.len(), n, "the sidecar stopped accepting associations");
     std::thread::sleep(Duration::from_millis(500));
-    let grown = |i: usize| rss_now(pids[i]).saturating_sub(base[i]) as f64 * 1024.0 / n as f64;
+    let grown =
+        |i: usize| rss_now(pids[i]).saturating_sub(base[i]) as f64 * 1024.0 / n.max(1) as f64;
     let (sidecar_bytes, relay_bytes) = (grown(0), grown(1));
     drop(idle);
     phase("idle associations", t0);

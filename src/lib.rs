@@ -2,6 +2,7 @@
 //!
 //! The library holds all logic; `src/main.rs` is a thin command-line shell around it.
 
+pub(crate) mod batch;
 pub mod control;
 pub mod firewall;
 pub mod identity;

@@ -555,18 +555,30 @@ impl Bind {
                 d = self.inbound.recv() => d?,
                 _ = self.closed.cancelled() => return None,
             };
-            let Ok(d) = wire::decode_http_datagram(&datagram) else {
-                continue;
-            };
-            let offset = datagram.len() - d.payload.len();
-            let found = self.contexts.lock().ok().and_then(|c| {
-                c.inbound(d.context_id, d.payload)
-                    .map(|(peer, p)| (peer, d.payload.len() - p.len()))
-            });
-            if let Some((peer, header)) = found {
-                return Some((peer, datagram.slice(offset + header..)));
+            if let Some(found) = self.decode(&datagram) {
+                return Some(found);
             }
         }
+    }
+
+    /// A datagram from a peer that has already arrived, without waiting.
+    pub fn try_recv(&mut self) -> Option<(SocketAddr, Bytes)> {
+        while let Ok(datagram) = self.inbound.try_recv() {
+            if let Some(found) = self.decode(&datagram) {
+                return Some(found);
+            }
+        }
+        None
+    }
+
+    fn decode(&self, datagram: &Bytes) -> Option<(SocketAddr, Bytes)> {
+        let d = wire::decode_http_datagram(datagram).ok()?;
+        let offset = datagram.len() - d.payload.len();
+        let (peer, header) = self.contexts.lock().ok().and_then(|c| {
+            c.inbound(d.context_id, d.payload)
+                .map(|(peer, p)| (peer, d.payload.len() - p.len()))
+        })?;
+        Some((peer, datagram.slice(offset + header..)))
     }
 }
 

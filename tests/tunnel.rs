@@ -63,6 +63,44 @@ impl Masked {
     }
 }
 
+/// A burst of equal datagrams (a video frame) crosses sidecar and relay as GSO sends: each
+/// datagram must still arrive whole, once, and in order, both ways.
+#[test]
+fn a_burst_of_full_size_datagrams_arrives_whole_and_in_order_both_ways() {
+    let t = topology();
+    let _echo1 = UdpEcho::spawn_in(Some(&t.ns("e")), ECHO_1);
+    let _echo2 = UdpEcho::spawn_in(Some(&t.ns("e")), ECHO_2);
+    let Masked { relay, sidecar, .. } = Masked::start(&t);
+    let capture = leak_capture(&t);
+    let out = pysocks_udp_in(
+        Some(&t.ns("c")),
+        sidecar.addr,
+        &[
+            "--timeout",
+            "3",
+            "--burst",
+            "60",
+            "--size",
+            "1200",
+            &format!("{ECHO_1}:one"),
+            &format!("{ECHO_2}:two"),
+            &format!("{ECHO_1}:three"),
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "burst {ECHO_1} 60/60 intact\nburst {ECHO_2} 60/60 intact\nburst {ECHO_1} 60/60 intact\n"
+        )
+    );
+    let leaked = capture.stop();
+    assert!(
+        leaked.is_empty(),
+        "UDP left the client other than to the relay: {leaked:?}"
+    );
+    drop((relay, sidecar));
+}
+
 #[test]
 fn relayed_udp_is_seen_from_one_relay_address_by_every_peer() {
     let t = topology();

@@ -222,22 +222,22 @@ struct Tunnel {
 
 type Tunnels = Arc<Mutex<HashMap<u64, Arc<Tunnel>>>>;
 
-/// Sends at once on a UDP socket (a full buffer drops the datagram, as the network would).
-fn send_now(socket: &UdpSocket, payload: &[u8], to: Option<SocketAddr>) -> io::Result<usize> {
-    let s = socket2::SockRef::from(socket);
-    match to {
-        Some(to) => s.send_to(payload, &to.into()),
-        None => s.send(payload),
-    }
-}
-
 impl Tunnel {
-    /// A datagram from the client: check, charge, send.
-    fn forward_from_client(&self, shared: &Shared, context_id: u64, payload: &[u8]) {
+    /// A datagram from the client: checked and charged. Returns where its UDP payload goes
+    /// (`None`: the connected target) and the payload, if it may go.
+    fn admit_from_client<'a>(
+        &self,
+        shared: &Shared,
+        context_id: u64,
+        payload: &'a [u8],
+    ) -> Option<(Option<SocketAddr>, &'a [u8])> {
         let c = &shared.counters;
         let (target, udp) = match &self.mode {
             Mode::Fixed if context_id == 0 => (None, payload),
-            Mode::Fixed => return bump(&c.dropped_unknown),
+            Mode::Fixed => {
+                bump(&c.dropped_unknown);
+                return None;
+            }
             Mode::Bind(contexts) => {
                 let found = contexts
                     .lock()
@@ -245,14 +245,15 @@ impl Tunnel {
                     .and_then(|t| t.from_client(context_id, payload));
                 match found {
                     Some((peer, udp)) => (Some(peer), udp),
-                    None => return bump(&c.dropped_unknown),
+                    None => {
+                        bump(&c.dropped_unknown);
+                        return None;
+                    }
                 }
             }
         };
         if let Some(peer) = target {
-            let Ok(mut permitted) = self.permitted.lock() else {
-                return;
-            };
+            let mut permitted = self.permitted.lock().ok()?;
             if shared.is_hairpin(peer) {
                 // Another bind of this relay (two masked users calling each other): allowed,
                 // judged per packet, never cached as a permitted IP.
@@ -260,22 +261,22 @@ impl Tunnel {
             } else if !permitted.contains(&peer.ip()) || peer.ip() == shared.config.public_address {
                 if let Err(refusal) = shared.egress.check(peer) {
                     debug!(user = %self.user, target = %peer, reason = %refusal, "egress denied");
-                    return bump(&c.dropped_egress);
+                    bump(&c.dropped_egress);
+                    return None;
                 }
                 if permitted.len() >= shared.config.quotas.peers_per_bind as usize {
-                    return bump(&c.dropped_quota);
+                    bump(&c.dropped_quota);
+                    return None;
                 }
                 permitted.insert(peer.ip());
             }
         }
         if !shared.charge(&self.user, udp.len()) {
-            return bump(&c.dropped_quota);
+            bump(&c.dropped_quota);
+            return None;
         }
         self.active.store(shared.millis(), Ordering::Relaxed);
-        match send_now(&self.socket, udp, target) {
-            Ok(_) => bump(&c.datagrams_out),
-            Err(_) => bump(&c.dropped_quota),
-        }
+        Some((target, udp))
     }
 }
 
@@ -450,21 +451,72 @@ async fn serve_connection(
     Ok(())
 }
 
+/// Datagrams from the client, sent on from their binds' sockets. What quinn has already
+/// received is taken in one go, so a burst to one peer leaves as one GSO send.
 async fn read_datagrams(shared: Arc<Shared>, conn: quinn::Connection, tunnels: Tunnels) {
-    while let Ok(datagram) = conn.read_datagram().await {
-        let Ok(d) = wire::decode_http_datagram(&datagram) else {
-            bump(&shared.counters.dropped_unknown);
-            continue;
+    let mut outgoing = Outgoing::default();
+    while let Ok(first) = conn.read_datagram().await {
+        outgoing.forward(&shared, &tunnels, &first);
+        for _ in 1..64 {
+            match crate::batch::ready(conn.read_datagram()) {
+                Some(Ok(datagram)) => outgoing.forward(&shared, &tunnels, &datagram),
+                _ => break,
+            }
+        }
+        outgoing.flush(&shared);
+    }
+    outgoing.flush(&shared);
+}
+
+/// The run of datagrams waiting to leave from one tunnel's socket.
+#[derive(Default)]
+struct Outgoing {
+    tunnel: Option<Arc<Tunnel>>,
+    batch: crate::batch::SendBatch,
+}
+
+impl Outgoing {
+    fn forward(&mut self, shared: &Shared, tunnels: &Tunnels, datagram: &[u8]) {
+        let Ok(d) = wire::decode_http_datagram(datagram) else {
+            return bump(&shared.counters.dropped_unknown);
         };
         let tunnel = tunnels
             .lock()
             .ok()
             .and_then(|t| t.get(&d.quarter_stream_id).cloned());
-        match tunnel {
-            Some(t) => t.forward_from_client(&shared, d.context_id, d.payload),
-            None => bump(&shared.counters.dropped_unknown),
+        let Some(tunnel) = tunnel else {
+            return bump(&shared.counters.dropped_unknown);
+        };
+        let Some((to, udp)) = tunnel.admit_from_client(shared, d.context_id, d.payload) else {
+            return;
+        };
+        if !self
+            .tunnel
+            .as_ref()
+            .is_some_and(|t| Arc::ptr_eq(t, &tunnel))
+        {
+            self.flush(shared);
+            self.tunnel = Some(tunnel);
+        }
+        if let Some(t) = &self.tunnel {
+            let sent = self
+                .batch
+                .push(&*t.socket, to, udp.len(), |b| b.extend_from_slice(udp));
+            count_sent(shared, sent);
         }
     }
+
+    fn flush(&mut self, shared: &Shared) {
+        if let Some(t) = &self.tunnel {
+            count_sent(shared, self.batch.flush(&*t.socket));
+        }
+    }
+}
+
+fn count_sent(shared: &Shared, sent: crate::batch::Sent) {
+    let c = &shared.counters;
+    c.datagrams_out.fetch_add(sent.ok, Ordering::Relaxed);
+    c.dropped_quota.fetch_add(sent.failed, Ordering::Relaxed);
 }
 
 /// A refusal: status, `Proxy-Status` error and details.

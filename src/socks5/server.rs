@@ -90,8 +90,14 @@ pub struct Counters {
 
 impl Counters {
     pub(crate) fn drop(&self, reason: DropReason) {
-        if let Some(c) = self.drops.get(reason.index()) {
-            c.fetch_add(1, Ordering::Relaxed);
+        self.drop_n(reason, 1);
+    }
+
+    pub(crate) fn drop_n(&self, reason: DropReason, n: u64) {
+        if let Some(c) = self.drops.get(reason.index())
+            && n > 0
+        {
+            c.fetch_add(n, Ordering::Relaxed);
         }
     }
 
@@ -835,26 +841,40 @@ impl Relay<'_> {
         }
     }
 
-    /// A datagram from a relayed peer: to the client, if that peer is a `relay` flow.
-    fn deliver_relayed(&mut self, peer: SocketAddr, payload: &[u8]) {
+    /// Datagrams from relayed peers, `first` and whatever else has already arrived: to the
+    /// client, each if its peer is a `relay` flow, a burst of one size in one GSO send.
+    fn deliver_relayed(&mut self, first: (SocketAddr, bytes::Bytes)) {
         let shared = self.shared;
         let policy = shared.policy.load();
-        let client = match self
-            .association
-            .admit_peer(peer, Verdict::Relay, &policy, &self.user)
-        {
-            Ok(c) => c,
-            Err(reason) => return shared.counters.drop(reason),
-        };
-        let mut out = Vec::with_capacity(HEADROOM + payload.len());
-        codec::encode_datagram_header(&mut out, peer);
-        out.extend_from_slice(payload);
-        match send_now(&self.client_socket, &out, client) {
-            Ok(_) => {
-                shared.counters.relayed_in.fetch_add(1, Ordering::Relaxed);
+        let sent = crate::batch::send_batched(&self.client_socket, |batch| {
+            let mut sent = crate::batch::Sent::default();
+            let mut next = Some(first);
+            let mut taken = 1;
+            while let Some((peer, payload)) = next {
+                match self
+                    .association
+                    .admit_peer(peer, Verdict::Relay, &policy, &self.user)
+                {
+                    Ok(client) => {
+                        let len = codec::datagram_header_len(peer) + payload.len();
+                        sent += batch.push(&self.client_socket, Some(client), len, |out| {
+                            codec::encode_datagram_header(out, peer);
+                            out.extend_from_slice(&payload);
+                        });
+                    }
+                    Err(reason) => shared.counters.drop(reason),
+                }
+                next = match self.bind.as_mut() {
+                    Some(bind) if taken < BATCH => bind.try_recv(),
+                    _ => None,
+                };
+                taken += 1;
             }
-            Err(_) => shared.counters.drop(DropReason::SendFailed),
-        }
+            sent
+        });
+        let c = &shared.counters;
+        c.relayed_in.fetch_add(sent.ok, Ordering::Relaxed);
+        c.drop_n(DropReason::SendFailed, sent.failed);
     }
 
     /// Starts a bind request if one is wanted and none is under way.
@@ -1033,7 +1053,7 @@ async fn associate(
             r = readable(relay.out_v4.as_ref()) => { r?; relay.drain_peers(false); }
             r = readable(relay.out_v6.as_ref()) => { r?; relay.drain_peers(true); }
             d = next_relayed(relay.bind.as_mut()) => match d {
-                Some((peer, payload)) => relay.deliver_relayed(peer, &payload),
+                Some(first) => relay.deliver_relayed(first),
                 None => {
                     info!(user = %relay.user, client = %peer, "relay bind closed; relayed traffic is dropped until a new one opens");
                     relay.bind = None;

@@ -1,0 +1,286 @@
+//! Bursts of datagrams sent in one trip through the kernel (UDP generic segmentation offload).
+//!
+//! A video frame leaves an app as a burst of equal-sized packets to one peer, and reaches the
+//! proxy together. Sent one `sendto` each, every packet pays the whole stack (route, netfilter,
+//! the device, and on loopback the receiver's stack too); sent as one GSO buffer, the burst pays
+//! it once and the kernel cuts it into the same datagrams at the end. [`SendBatch`] collects
+//! datagrams while they share a destination and a size, and sends each run with one `sendmsg`
+//! carrying `UDP_SEGMENT`. Where GSO is refused (an old kernel, a device without checksum
+//! offload) it falls back to one `sendto` per datagram for good.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+
+/// The kernel's limit on segments in one GSO send (`UDP_MAX_SEGMENTS`).
+const MAX_SEGMENTS: usize = 64;
+/// The largest GSO buffer: an IP datagram's length limit, less headers.
+const MAX_BYTES: usize = 65_000;
+
+/// Datagrams of one size to one destination, waiting to go out as one GSO send.
+#[derive(Debug, Default)]
+pub(crate) struct SendBatch {
+    buf: Vec<u8>,
+    /// `None`: the socket's connected peer.
+    to: Option<SocketAddr>,
+    size: usize,
+    count: usize,
+    /// Set after the kernel refused GSO once: every datagram is sent alone from then on.
+    no_gso: bool,
+}
+
+/// How a flush went: datagrams handed to the kernel and datagrams dropped (a full buffer drops
+/// them, as the network would).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sent {
+    pub(crate) ok: u64,
+    pub(crate) failed: u64,
+}
+
+impl std::ops::AddAssign for Sent {
+    fn add_assign(&mut self, other: Self) {
+        self.ok += other.ok;
+        self.failed += other.failed;
+    }
+}
+
+impl SendBatch {
+    /// Queues a datagram of `len` bytes that `write` appends, for `to` on `socket`. A datagram
+    /// that cannot join the waiting run (another destination or size, or the run is full) first
+    /// sends the run; what that send did is returned.
+    pub(crate) fn push<S: AsRawFd>(
+        &mut self,
+        socket: &S,
+        to: Option<SocketAddr>,
+        len: usize,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) -> Sent {
+        let joins = self.count > 0
+            && self.to == to
+            && self.size == len
+            && self.count < MAX_SEGMENTS
+            && self.buf.len() + len <= MAX_BYTES;
+        let sent = if joins || self.count == 0 {
+            Sent::default()
+        } else {
+            self.flush(socket)
+        };
+        let before = self.buf.len();
+        write(&mut self.buf);
+        debug_assert_eq!(self.buf.len() - before, len);
+        self.to = to;
+        self.size = len;
+        self.count += 1;
+        sent
+    }
+
+    /// Sends the waiting run on `socket` (the one it was queued for).
+    pub(crate) fn flush<S: AsRawFd>(&mut self, socket: &S) -> Sent {
+        let sent = match self.count {
+            0 => Sent::default(),
+            1 => one(send_one(socket, &self.buf, self.to)),
+            n if !self.no_gso => match send_gso(socket, &self.buf, self.to, self.size) {
+                Ok(()) => Sent {
+                    ok: n as u64,
+                    failed: 0,
+                },
+                // GSO refused: the kernel dropped the whole buffer, so send it again piecewise.
+                Err(e) if gso_refused(&e) => {
+                    self.no_gso = true;
+                    self.send_each(socket)
+                }
+                Err(_) => Sent {
+                    ok: 0,
+                    failed: n as u64,
+                },
+            },
+            _ => self.send_each(socket),
+        };
+        self.buf.clear();
+        self.count = 0;
+        sent
+    }
+
+    fn send_each<S: AsRawFd>(&self, socket: &S) -> Sent {
+        let mut sent = Sent::default();
+        for datagram in self.buf.chunks(self.size.max(1)) {
+            sent += one(send_one(socket, datagram, self.to));
+        }
+        sent
+    }
+}
+
+thread_local! {
+    /// One batch per runtime thread, shared by every association on it (see [`send_batched`]).
+    static SCRATCH: std::cell::RefCell<SendBatch> = std::cell::RefCell::new(SendBatch::default());
+}
+
+/// Runs `fill` with this thread's batch for `socket`, then sends what it left waiting; returns
+/// everything sent. The batch is empty again afterwards, so an idle association holds none.
+pub(crate) fn send_batched<S: AsRawFd>(
+    socket: &S,
+    fill: impl FnOnce(&mut SendBatch) -> Sent,
+) -> Sent {
+    SCRATCH.with_borrow_mut(|batch| {
+        let mut sent = fill(batch);
+        sent += batch.flush(socket);
+        sent
+    })
+}
+
+/// Polls `future` once: its output if it is ready now. For draining what a queue already holds
+/// without waiting (the waker is a no-op, so a pending future is simply dropped).
+pub(crate) fn ready<F: std::future::Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// The errors with which `udp_sendmsg` refuses a GSO send it cannot do (and drops it).
+fn gso_refused(e: &io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(e.raw_os_error(), Some(c) if c == Errno::EIO as i32 || c == Errno::EINVAL as i32)
+}
+
+fn one(r: io::Result<()>) -> Sent {
+    match r {
+        Ok(()) => Sent { ok: 1, failed: 0 },
+        Err(_) => Sent { ok: 0, failed: 1 },
+    }
+}
+
+fn send_one<S: AsRawFd>(socket: &S, datagram: &[u8], to: Option<SocketAddr>) -> io::Result<()> {
+    use nix::sys::socket::{MsgFlags, SockaddrStorage, send, sendto};
+    let fd = socket.as_raw_fd();
+    match to {
+        Some(to) => sendto(fd, datagram, &SockaddrStorage::from(to), MsgFlags::empty()),
+        None => send(fd, datagram, MsgFlags::empty()),
+    }
+    .map(drop)
+    .map_err(io::Error::from)
+}
+
+fn send_gso<S: AsRawFd>(
+    socket: &S,
+    buf: &[u8],
+    to: Option<SocketAddr>,
+    size: usize,
+) -> io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
+    let segment = u16::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let iov = [io::IoSlice::new(buf)];
+    let cmsg = [ControlMessage::UdpGsoSegments(&segment)];
+    let to = to.map(SockaddrStorage::from);
+    sendmsg(
+        socket.as_raw_fd(),
+        &iov,
+        &cmsg,
+        MsgFlags::empty(),
+        to.as_ref(),
+    )
+    .map(drop)
+    .map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+    use std::time::Duration;
+
+    fn pair() -> (UdpSocket, UdpSocket) {
+        let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        rx.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        (tx, rx)
+    }
+
+    fn received(rx: &UdpSocket, n: usize) -> Vec<Vec<u8>> {
+        let mut buf = [0u8; 2048];
+        (0..n)
+            .map(|_| {
+                let (len, _) = rx.recv_from(&mut buf).expect("a datagram");
+                buf[..len].to_vec()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_run_of_equal_datagrams_arrives_as_the_same_datagrams_in_order() {
+        let (tx, rx) = pair();
+        let to = rx.local_addr().ok();
+        let mut batch = SendBatch::default();
+        for i in 0..10u8 {
+            let sent = batch.push(&tx, to, 100, |b| b.extend_from_slice(&[i; 100]));
+            assert_eq!(sent, Sent::default(), "nothing sent before the run ends");
+        }
+        assert_eq!(batch.flush(&tx), Sent { ok: 10, failed: 0 });
+        assert!(!batch.no_gso, "loopback takes GSO sends");
+        let got = received(&rx, 10);
+        for (i, d) in got.iter().enumerate() {
+            assert_eq!(d, &vec![i as u8; 100]);
+        }
+        assert_eq!(batch.count, 0);
+    }
+
+    #[test]
+    fn a_new_size_or_destination_sends_the_run_before_it() {
+        let (tx, rx) = pair();
+        let rx2 = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        rx2.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let (to, to2) = (rx.local_addr().ok(), rx2.local_addr().ok());
+        let mut batch = SendBatch::default();
+        batch.push(&tx, to, 50, |b| b.extend_from_slice(&[1; 50]));
+        batch.push(&tx, to, 50, |b| b.extend_from_slice(&[2; 50]));
+        let sent = batch.push(&tx, to, 20, |b| b.extend_from_slice(&[3; 20]));
+        assert_eq!(sent, Sent { ok: 2, failed: 0 });
+        let sent = batch.push(&tx, to2, 20, |b| b.extend_from_slice(&[4; 20]));
+        assert_eq!(sent, Sent { ok: 1, failed: 0 });
+        assert_eq!(batch.flush(&tx), Sent { ok: 1, failed: 0 });
+        assert_eq!(
+            received(&rx, 3),
+            vec![vec![1; 50], vec![2; 50], vec![3; 20]]
+        );
+        assert_eq!(received(&rx2, 1), vec![vec![4; 20]]);
+    }
+
+    #[test]
+    fn a_full_run_is_sent_at_the_segment_limit() {
+        let (tx, rx) = pair();
+        let to = rx.local_addr().ok();
+        let mut batch = SendBatch::default();
+        let mut sent = Sent::default();
+        for i in 0..(MAX_SEGMENTS + 3) {
+            sent += batch.push(&tx, to, 8, |b| {
+                b.extend_from_slice(&(i as u64).to_be_bytes())
+            });
+        }
+        assert_eq!(sent.ok, MAX_SEGMENTS as u64);
+        sent += batch.flush(&tx);
+        assert_eq!(sent.ok, MAX_SEGMENTS as u64 + 3);
+        let got = received(&rx, MAX_SEGMENTS + 3);
+        for (i, d) in got.iter().enumerate() {
+            assert_eq!(d.as_slice(), (i as u64).to_be_bytes());
+        }
+    }
+
+    #[test]
+    fn a_connected_socket_sends_a_run_to_its_peer() {
+        let (tx, rx) = pair();
+        tx.connect(rx.local_addr().expect("addr")).expect("connect");
+        let mut batch = SendBatch::default();
+        for i in 0..3u8 {
+            batch.push(&tx, None, 30, |b| b.extend_from_slice(&[i; 30]));
+        }
+        assert_eq!(batch.flush(&tx), Sent { ok: 3, failed: 0 });
+        assert_eq!(
+            received(&rx, 3),
+            vec![vec![0; 30], vec![1; 30], vec![2; 30]]
+        );
+    }
+}
