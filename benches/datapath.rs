@@ -12,10 +12,16 @@
 //! simulated calls held (see `scale.rs`), and memory per idle association.
 //!
 //! `BENCH_PATHS_ONLY=1` stops after the per-path table (no calls, no idle associations).
-//! `BENCH_PROFILE=FILE` also records a `perf` call graph of the two daemons during the CPU phase.
+//! `BENCH_PROFILE=FILE` also records a `perf` call graph of the two daemons during the CPU phase
+//! (the transparent path's into FILE.transparent).
 
+#[allow(dead_code, unreachable_pub)] // the benchmark uses the topology, not the captures
+#[path = "../tests/support/netns.rs"]
+mod netns;
 #[path = "datapath/scale.rs"]
 mod scale;
+#[path = "datapath/transparent.rs"]
+mod transparent;
 
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
@@ -294,9 +300,21 @@ impl Drop for Daemon {
     }
 }
 
-fn spawn(args: &[&str], marker: &str) -> (Daemon, SocketAddr) {
+/// Starts `veil ARGS` (inside network namespace `ns` if given) and waits for the log line with
+/// `marker`; returns the daemon and the address in that line's `listen=`.
+fn spawn(ns: Option<&str>, args: &[&str], marker: &str) -> (Daemon, SocketAddr) {
     use std::io::BufRead;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_veil"))
+    let mut command = match ns {
+        // nsenter, not `ip netns exec`, which would remount /sys and hide the cgroup hierarchy.
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}"))
+                .arg(env!("CARGO_BIN_EXE_veil"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_veil")),
+    };
+    let mut child = command
         .args(args)
         .env("VEIL_LOG", "warn,veil=info")
         .stdout(Stdio::null())
@@ -349,6 +367,7 @@ fn start_veil(dir: &Path) -> Veil {
     )
     .expect("relay config");
     let (relay, relay_addr) = spawn(
+        None,
         &[
             "relay",
             "--config",
@@ -369,6 +388,7 @@ fn start_veil(dir: &Path) -> Veil {
     )
     .expect("sidecar config");
     let (sidecar, socks) = spawn(
+        None,
         &[
             "sidecar",
             "--config",
@@ -488,9 +508,10 @@ fn cpu_per_packet(path: Arc<dyn Path2>, cpu_seconds: &dyn Fn() -> f64) -> f64 {
 }
 
 /// With `BENCH_PROFILE=FILE`, records `perf` call graphs of the veil processes during the CPU
-/// phase into FILE (read it with `perf report -i FILE`).
-fn profile_start(pids: &[u32]) -> Option<Child> {
-    let out = std::env::var("BENCH_PROFILE").ok()?;
+/// phase into FILE (read it with `perf report -i FILE`), of the transparent path's into
+/// FILE.transparent.
+fn profile_start(pids: &[u32], suffix: &str) -> Option<Child> {
+    let out = std::env::var("BENCH_PROFILE").ok()? + suffix;
     let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
     let child = Command::new("perf")
         .args([
@@ -576,7 +597,7 @@ fn main() {
     phase("veil capacity", t0);
     // CPU per delivered packet of sidecar + relay at 10k pkt/s.
     let pids = [veil.sidecar.0.id(), veil.relay.0.id()];
-    let profile = profile_start(&pids);
+    let profile = profile_start(&pids, "");
     let cpu_us = cpu_per_packet(socks.clone(), &|| {
         pids.iter().map(|p| proc_cpu_seconds(*p)).sum()
     });
@@ -589,6 +610,46 @@ fn main() {
         Some(cpu_us),
         Some(rss),
     ));
+
+    // The transparent path, in namespaces (root only), with direct UDP on its route as floor.
+    let floor_note = match transparent::start(&dir.path().join("pki"), dir.path()) {
+        Ok(t) => {
+            phase("transparent path started", t0);
+            let direct = t.direct();
+            let floor = round_trips(direct.as_ref(), 200, pings);
+            rows.push((
+                "direct UDP via a router (namespaces)".into(),
+                floor,
+                capacity(direct, 1200),
+                None,
+                None,
+            ));
+            let app = t.app();
+            let rtt = round_trips(app.as_ref(), 200, pings);
+            let cap = capacity(app.clone(), 1200);
+            let pids = [t.sidecar.0.id(), t.relay.0.id()];
+            let profile = profile_start(&pids, ".transparent");
+            let cpu_us = cpu_per_packet(app, &|| pids.iter().map(|p| proc_cpu_seconds(*p)).sum());
+            profile_stop(profile);
+            let rss: u64 = pids.iter().map(|p| proc_kib(*p, "VmHWM:")).sum();
+            rows.push((
+                "veil transparent: app → TPROXY → QUIC → relay".into(),
+                rtt,
+                cap,
+                Some(cpu_us),
+                Some(rss),
+            ));
+            phase("transparent path", t0);
+            format!(
+                "\ntransparent p50 vs direct UDP on its own route: {:.2}×",
+                rtt.0 / floor.0
+            )
+        }
+        Err(why) => {
+            eprintln!("transparent path not measured: {why}");
+            format!("\ntransparent path not measured: {why}")
+        }
+    };
 
     // Simulated calls, growing N until one fails the call criteria.
     let mut held = None;
@@ -655,6 +716,7 @@ fn main() {
             )),
         );
     }
+    println!("{floor_note}");
     println!("\n| simulated calls | packets sent | loss | one-way delay variation p99 | held |");
     println!("| --- | --- | --- | --- | --- |");
     for r in &results {

@@ -11,6 +11,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 /// The kernel's limit on segments in one GSO send (`UDP_MAX_SEGMENTS`).
 const MAX_SEGMENTS: usize = 64;
@@ -124,6 +125,51 @@ pub(crate) fn send_batched<S: AsRawFd>(
     SCRATCH.with_borrow_mut(|batch| {
         let mut sent = fill(batch);
         sent += batch.flush(socket);
+        sent
+    })
+}
+
+/// This thread's batch, for datagrams that leave from several sockets in turn (see
+/// [`send_bursts`]).
+pub(crate) struct Bursts<'a, T> {
+    batch: &'a mut SendBatch,
+    socket: Option<Arc<T>>,
+}
+
+impl<T: AsRawFd> Bursts<'_, T> {
+    /// Queues a datagram for `to` on `socket`: as [`SendBatch::push`], and a datagram for
+    /// another socket first sends the run waiting on the last one.
+    pub(crate) fn push(
+        &mut self,
+        socket: &Arc<T>,
+        to: Option<SocketAddr>,
+        len: usize,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) -> Sent {
+        let mut sent = Sent::default();
+        if !self.socket.as_ref().is_some_and(|s| Arc::ptr_eq(s, socket)) {
+            if let Some(last) = self.socket.take() {
+                sent += self.batch.flush(&*last);
+            }
+            self.socket = Some(socket.clone());
+        }
+        sent += self.batch.push(&**socket, to, len, write);
+        sent
+    }
+}
+
+/// Runs `fill` with this thread's batch, then sends what it left waiting; returns everything
+/// sent.
+pub(crate) fn send_bursts<T: AsRawFd>(fill: impl FnOnce(&mut Bursts<'_, T>) -> Sent) -> Sent {
+    SCRATCH.with_borrow_mut(|batch| {
+        let mut bursts = Bursts {
+            batch,
+            socket: None,
+        };
+        let mut sent = fill(&mut bursts);
+        if let Some(last) = bursts.socket.take() {
+            sent += bursts.batch.flush(&*last);
+        }
         sent
     })
 }
@@ -267,6 +313,42 @@ mod tests {
         for (i, d) in got.iter().enumerate() {
             assert_eq!(d.as_slice(), (i as u64).to_be_bytes());
         }
+    }
+
+    #[test]
+    fn bursts_from_two_sockets_leave_each_from_its_own_socket() {
+        let (a, rx) = pair();
+        let (a, b) = (
+            Arc::new(a),
+            Arc::new(UdpSocket::bind("127.0.0.1:0").expect("bind")),
+        );
+        let to = rx.local_addr().ok();
+        let sent = send_bursts(|bursts| {
+            let mut sent = Sent::default();
+            for (socket, byte) in [(&a, 1u8), (&a, 2), (&b, 3), (&b, 4), (&a, 5)] {
+                sent += bursts.push(socket, to, 10, |buf| buf.extend_from_slice(&[byte; 10]));
+            }
+            sent
+        });
+        assert_eq!(sent, Sent { ok: 5, failed: 0 });
+        let mut buf = [0u8; 64];
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            let (n, from) = rx.recv_from(&mut buf).expect("a datagram");
+            got.push((from, buf[..n].to_vec()));
+        }
+        let (from_a, from_b) = (a.local_addr().ok(), b.local_addr().ok());
+        assert_eq!(
+            got,
+            [
+                (from_a, 1),
+                (from_a, 2),
+                (from_b, 3),
+                (from_b, 4),
+                (from_a, 5)
+            ]
+            .map(|(f, byte)| (f.expect("addr"), vec![byte; 10]))
+        );
     }
 
     #[test]

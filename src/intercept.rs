@@ -23,7 +23,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -130,27 +130,23 @@ struct ReplySockets {
 }
 
 impl ReplySockets {
-    fn send(&self, from: SocketAddr, to: SocketAddr, payload: &[u8]) -> io::Result<usize> {
-        let socket = {
-            let mut map = self
-                .sockets
-                .lock()
-                .map_err(|_| io::Error::other("poisoned"))?;
-            match map.get(&from) {
-                Some(s) => s.clone(),
-                None => {
-                    let s = transparent_socket(from)?;
-                    s.bind(&from.into())?;
-                    let s = Arc::new(s);
-                    if map.len() >= MAX_REPLY_SOCKETS {
-                        map.clear();
-                    }
-                    map.insert(from, s.clone());
-                    s
-                }
-            }
-        };
-        socket.send_to(payload, &to.into())
+    /// The socket that answers as `from`, opened the first time.
+    fn socket(&self, from: SocketAddr) -> io::Result<Arc<socket2::Socket>> {
+        let mut map = self
+            .sockets
+            .lock()
+            .map_err(|_| io::Error::other("poisoned"))?;
+        if let Some(s) = map.get(&from) {
+            return Ok(s.clone());
+        }
+        let s = transparent_socket(from)?;
+        s.bind(&from.into())?;
+        let s = Arc::new(s);
+        if map.len() >= MAX_REPLY_SOCKETS {
+            map.clear();
+        }
+        map.insert(from, s.clone());
+        Ok(s)
     }
 }
 
@@ -357,12 +353,16 @@ async fn app(
         public_port = Some(b.public_address().port());
         ports.set(source, public_port);
     }
+    // Checked now and then rather than a timer re-armed for every packet.
+    let mut idle_check = tokio::time::interval(APP_IDLE / 8);
+    let mut last_active = Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(APP_IDLE) => break,
+            _ = idle_check.tick() => if last_active.elapsed() >= APP_IDLE { break },
             packet = rx.recv() => {
                 let Some((target, payload)) = packet else { break };
+                last_active = Instant::now();
                 let policy = shared.policy.load();
                 let decision = match association.decide(target, &payload, &policy, &user) {
                     Ok(d) => d,
@@ -417,26 +417,21 @@ async fn app(
                 }
             }
             inbound = next_relayed(bind.as_mut()) => match inbound {
-                Some((peer, payload)) => {
-                    let policy = shared.policy.load();
-                    match association.admit_peer(peer, Verdict::Relay, &policy, &user) {
-                        Ok(app) => match replies.send(peer, app, &payload) {
-                            Ok(_) => { shared.counters.relayed_in.fetch_add(1, Ordering::Relaxed); }
-                            Err(e) => { debug!(error = %e, peer = %peer, "reply failed"); shared.counters.drop(DropReason::SendFailed); }
-                        },
-                        Err(reason) => shared.counters.drop(reason),
-                    }
+                Some(first) => {
+                    last_active = Instant::now();
+                    deliver_relayed(shared, &user, &mut association, &replies, bind.as_mut(), first);
                 }
                 None => bind = None,
             },
             r = direct_readable(direct.as_ref()) => {
                 if r.is_err() { direct = None; continue; }
+                last_active = Instant::now();
                 crate::with_buffer(|buf| {
                     while let Some(Ok((n, peer))) = direct.as_ref().map(|s| s.try_recv_from(buf)) {
                         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                         let policy = shared.policy.load();
                         match association.admit_peer(peer, Verdict::Direct, &policy, &user) {
-                            Ok(app) => match replies.send(peer, app, buf.get(..n).unwrap_or_default()) {
+                            Ok(app) => match replies.socket(peer).and_then(|s| s.send_to(buf.get(..n).unwrap_or_default(), &app.into())) {
                                 Ok(_) => { shared.counters.datagrams_in.fetch_add(1, Ordering::Relaxed); }
                                 Err(_) => shared.counters.drop(DropReason::SendFailed),
                             },
@@ -452,6 +447,48 @@ async fn app(
         ports.set(source, None);
     }
     info!(user = %user, client = %source, flows = association.flow_count(), "app socket released");
+}
+
+/// Datagrams from relayed peers, `first` and whatever else has already arrived: to the app,
+/// each as its peer (if that peer is a `relay` flow), a burst from one peer in one GSO send.
+fn deliver_relayed(
+    shared: &Shared,
+    user: &User,
+    association: &mut Association,
+    replies: &ReplySockets,
+    mut bind: Option<&mut Bind>,
+    first: (SocketAddr, Bytes),
+) {
+    let policy = shared.policy.load();
+    let sent = crate::batch::send_bursts(|bursts| {
+        let mut sent = crate::batch::Sent::default();
+        let mut next = Some(first);
+        let mut taken = 1;
+        while let Some((peer, payload)) = next {
+            let admitted = association.admit_peer(peer, Verdict::Relay, &policy, user);
+            match admitted.map(|app| (app, replies.socket(peer))) {
+                Ok((app, Ok(socket))) => {
+                    sent += bursts.push(&socket, Some(app), payload.len(), |b| {
+                        b.extend_from_slice(&payload)
+                    });
+                }
+                Ok((_, Err(e))) => {
+                    debug!(error = %e, peer = %peer, "no reply socket");
+                    shared.counters.drop(DropReason::SendFailed);
+                }
+                Err(reason) => shared.counters.drop(reason),
+            }
+            next = match bind.as_deref_mut() {
+                Some(b) if taken < 64 => b.try_recv(),
+                _ => None,
+            };
+            taken += 1;
+        }
+        sent
+    });
+    let c = &shared.counters;
+    c.relayed_in.fetch_add(sent.ok, Ordering::Relaxed);
+    c.drop_n(DropReason::SendFailed, sent.failed);
 }
 
 #[cfg(test)]

@@ -20,6 +20,22 @@ host, port = sys.argv[1], int(sys.argv[2])
 s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
 s.settimeout(float(sys.argv[3]))
 for p in sys.argv[4:]:
+    if p.startswith("burst:"):
+        # burst:N:SIZE — N datagrams back to back, then their echoes, checked in order.
+        _, n, size = p.split(":")
+        sent = [b"%05d#" % i + b"x" * (int(size) - 6) for i in range(int(n))]
+        for d in sent:
+            s.sendto(d, (host, port))
+        got, frm = [], ("-", 0)
+        try:
+            while len(got) < len(sent):
+                data, frm = s.recvfrom(65535)
+                got.append(data)
+        except OSError:
+            pass
+        verdict = "intact" if got == sent[: len(got)] else "mangled"
+        print("burst %s:%d %d/%d %s" % (frm[0], frm[1], len(got), len(sent), verdict), flush=True)
+        continue
     try:
         s.sendto(p.encode(), (host, port))
         data, frm = s.recvfrom(2048)
@@ -186,6 +202,10 @@ fn managed_user_is_intercepted_and_relayed_root_is_untouched() {
         sources.windows(2).all(|w| w[0] == w[1]),
         "one public address per app socket: {sources:?}"
     );
+
+    // A burst (a video frame) comes back whole and in order through the GSO'd replies.
+    let lines = send_as(&t, Some("nobody"), MANAGED_ECHO, "3", &["burst:60:1200"]);
+    assert_eq!(lines, [format!("burst {MANAGED_ECHO} 60/60 intact")]);
 
     // root is not managed: its UDP goes out directly from 192.0.2.2.
     assert_root_untouched(&t, &root_echo);

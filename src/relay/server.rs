@@ -454,62 +454,44 @@ async fn serve_connection(
 /// Datagrams from the client, sent on from their binds' sockets. What quinn has already
 /// received is taken in one go, so a burst to one peer leaves as one GSO send.
 async fn read_datagrams(shared: Arc<Shared>, conn: quinn::Connection, tunnels: Tunnels) {
-    let mut outgoing = Outgoing::default();
     while let Ok(first) = conn.read_datagram().await {
-        outgoing.forward(&shared, &tunnels, &first);
-        for _ in 1..64 {
-            match crate::batch::ready(conn.read_datagram()) {
-                Some(Ok(datagram)) => outgoing.forward(&shared, &tunnels, &datagram),
-                _ => break,
+        let sent = crate::batch::send_bursts(|bursts| {
+            let mut sent = forward(&shared, &tunnels, bursts, &first);
+            for _ in 1..64 {
+                match crate::batch::ready(conn.read_datagram()) {
+                    Some(Ok(datagram)) => sent += forward(&shared, &tunnels, bursts, &datagram),
+                    _ => break,
+                }
             }
-        }
-        outgoing.flush(&shared);
+            sent
+        });
+        count_sent(&shared, sent);
     }
-    outgoing.flush(&shared);
 }
 
-/// The run of datagrams waiting to leave from one tunnel's socket.
-#[derive(Default)]
-struct Outgoing {
-    tunnel: Option<Arc<Tunnel>>,
-    batch: crate::batch::SendBatch,
-}
-
-impl Outgoing {
-    fn forward(&mut self, shared: &Shared, tunnels: &Tunnels, datagram: &[u8]) {
-        let Ok(d) = wire::decode_http_datagram(datagram) else {
-            return bump(&shared.counters.dropped_unknown);
-        };
-        let tunnel = tunnels
-            .lock()
-            .ok()
-            .and_then(|t| t.get(&d.quarter_stream_id).cloned());
-        let Some(tunnel) = tunnel else {
-            return bump(&shared.counters.dropped_unknown);
-        };
-        let Some((to, udp)) = tunnel.admit_from_client(shared, d.context_id, d.payload) else {
-            return;
-        };
-        if !self
-            .tunnel
-            .as_ref()
-            .is_some_and(|t| Arc::ptr_eq(t, &tunnel))
-        {
-            self.flush(shared);
-            self.tunnel = Some(tunnel);
-        }
-        if let Some(t) = &self.tunnel {
-            let sent = self
-                .batch
-                .push(&*t.socket, to, udp.len(), |b| b.extend_from_slice(udp));
-            count_sent(shared, sent);
-        }
-    }
-
-    fn flush(&mut self, shared: &Shared) {
-        if let Some(t) = &self.tunnel {
-            count_sent(shared, self.batch.flush(&*t.socket));
-        }
+/// One datagram from the client: decoded, admitted, and queued on its bind's socket.
+fn forward(
+    shared: &Shared,
+    tunnels: &Tunnels,
+    bursts: &mut crate::batch::Bursts<'_, UdpSocket>,
+    datagram: &[u8],
+) -> crate::batch::Sent {
+    let none = crate::batch::Sent::default();
+    let Ok(d) = wire::decode_http_datagram(datagram) else {
+        bump(&shared.counters.dropped_unknown);
+        return none;
+    };
+    let tunnel = tunnels
+        .lock()
+        .ok()
+        .and_then(|t| t.get(&d.quarter_stream_id).cloned());
+    let Some(tunnel) = tunnel else {
+        bump(&shared.counters.dropped_unknown);
+        return none;
+    };
+    match tunnel.admit_from_client(shared, d.context_id, d.payload) {
+        Some((to, udp)) => bursts.push(&tunnel.socket, to, udp.len(), |b| b.extend_from_slice(udp)),
+        None => none,
     }
 }
 
@@ -880,6 +862,8 @@ async fn serve_udp(
     let mut capsules = Vec::new();
     let idle = shared.config.quotas.idle_timeout;
     let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    // Checked now and then rather than a timer re-armed for every packet.
+    let mut idle_check = tokio::time::interval(Duration::from_secs(5));
     let reason = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break "shutdown",
@@ -912,7 +896,7 @@ async fn serve_udp(
                     break "connection lost";
                 }
             }
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {
+            _ = idle_check.tick() => {
                 let quiet = shared.millis().saturating_sub(tunnel.active.load(Ordering::Relaxed));
                 if quiet >= idle_ms {
                     break "idle";

@@ -1,0 +1,147 @@
+//! The transparent path, in network namespaces the benchmark makes (needs root and nftables):
+//!
+//! ```text
+//! namespace c (192.0.2.2)                                   router      namespace e
+//!   app socket of `nobody` ──TPROXY──▶ veil sidecar ──QUIC over lo──▶ veil relay ──▶ UDP echo
+//! ```
+//!
+//! The app socket is an ordinary UDP socket created as uid 65534 (`setfsuid` on the creating
+//! thread), so the sidecar's nftables rules intercept it like any managed user's. The relay
+//! shares the client's namespace (its QUIC stays on lo, as the SOCKS5 row's does) and reaches
+//! the echo across two veth links and a router, so the same run also measures direct UDP over
+//! that route as this row's floor.
+
+use super::netns::Topology;
+use super::{Daemon, Direct, Echo, Path2, bench_socket, spawn};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const CLIENT_IP: &str = "192.0.2.2";
+const ECHO_BIND: &str = "203.0.113.2:0";
+
+/// The namespaces, the two daemons in `c` and the echo in `e`; all torn down on drop.
+pub(crate) struct Transparent {
+    pub(crate) sidecar: Daemon,
+    pub(crate) relay: Daemon,
+    echo: Echo,
+    // Dropped last: the daemons and the echo's socket live in its namespaces.
+    topology: Topology,
+}
+
+/// Runs `f` on a thread inside namespace `ns`, as filesystem uid `fsuid` if given (so sockets it
+/// creates belong to that uid), and returns what it returns.
+fn in_netns<T: Send + 'static>(
+    ns: &str,
+    fsuid: Option<u32>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open the namespace");
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        if let Some(uid) = fsuid {
+            nix::unistd::setfsuid(nix::unistd::Uid::from_raw(uid));
+        }
+        f()
+    })
+    .join()
+    .expect("namespace thread")
+}
+
+/// Starts everything, or says why not (not root: namespaces and nftables need it).
+pub(crate) fn start(pki: &Path, dir: &Path) -> Result<Transparent, String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("needs root (network namespaces, nftables)".into());
+    }
+    let mut topology = Topology::new();
+    topology
+        .host("c", &format!("{CLIENT_IP}/24"), "192.0.2.1/24")
+        .host("e", "203.0.113.2/24", "203.0.113.1/24");
+    let (c, e) = (topology.ns("c"), topology.ns("e"));
+    let echo = in_netns(&e, None, || Echo::start(ECHO_BIND));
+
+    std::fs::write(
+        pki.join("relay-t.toml"),
+        format!(
+            "listen = \"127.0.0.1:0\"\npublic_address = \"{CLIENT_IP}\"\ncertificate = \"relay.crt\"\nprivate_key = \"relay.key\"\nclient_ca = \"ca.crt\"\nallow = [\"203.0.113.0/24\"]\n\
+             [quotas]\nbinds_per_user = 20000\nbinds_total = 20000\npackets_per_second_per_user = 4000000\nbytes_per_second_per_user = 4000000000\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let (relay, relay_addr) = spawn(
+        Some(&c),
+        &[
+            "relay",
+            "--config",
+            &pki.join("relay-t.toml").display().to_string(),
+        ],
+        "relay ready",
+    );
+    let policy = dir.join("policies-t");
+    std::fs::create_dir_all(&policy).map_err(|e| e.to_string())?;
+    std::fs::write(policy.join("default.toml"), "fallback = \"relay\"\n[limits]\nmax_associations = 20000\nmax_packets_per_second = 4000000\n").map_err(|e| e.to_string())?;
+    std::fs::write(
+        pki.join("sidecar-t.toml"),
+        format!(
+            "listen = \"127.0.0.1:0\"\npolicy_dir = \"{}\"\ncontrol = \"{}\"\n[relay]\naddress = \"{relay_addr}\"\nserver_name = \"localhost\"\nca = \"ca.crt\"\ncertificate = \"bench.crt\"\nprivate_key = \"bench.key\"\n\
+             [transparent]\nusers = [\"nobody\"]\n",
+            policy.display(),
+            dir.join("control-t").display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let (sidecar, _) = spawn(
+        Some(&c),
+        &[
+            "sidecar",
+            "--config",
+            &pki.join("sidecar-t.toml").display().to_string(),
+        ],
+        "sidecar ready",
+    );
+    let t = Transparent {
+        sidecar,
+        relay,
+        echo,
+        topology,
+    };
+    // Up once an intercepted datagram comes back (the tunnel connects after the listener).
+    let app = t.app();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut buf = [0u8; 64];
+    loop {
+        app.send(b"up?");
+        if app.recv(&mut buf).is_some() {
+            return Ok(t);
+        }
+        if Instant::now() > deadline {
+            return Err("no echo through the transparent path within 15 s".into());
+        }
+    }
+}
+
+impl Transparent {
+    fn socket(&self, fsuid: Option<u32>) -> Arc<dyn Path2> {
+        let echo = self.echo.addr;
+        let socket = in_netns(&self.topology.ns("c"), fsuid, move || {
+            let s = bench_socket("0.0.0.0:0");
+            s.connect(echo).expect("connect");
+            s
+        });
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        Arc::new(Direct { socket })
+    }
+
+    /// An unmodified app's socket: `nobody`'s, intercepted.
+    pub(crate) fn app(&self) -> Arc<dyn Path2> {
+        self.socket(Some(65534))
+    }
+
+    /// Root's socket on the same route, not intercepted: this row's floor.
+    pub(crate) fn direct(&self) -> Arc<dyn Path2> {
+        self.socket(None)
+    }
+}
