@@ -456,15 +456,13 @@ fn deliver_relayed(
     user: &User,
     association: &mut Association,
     replies: &ReplySockets,
-    mut bind: Option<&mut Bind>,
+    bind: Option<&mut Bind>,
     first: (SocketAddr, Bytes),
 ) {
     let policy = shared.policy.load();
     let sent = crate::batch::send_bursts(|bursts| {
         let mut sent = crate::batch::Sent::default();
-        let mut next = Some(first);
-        let mut taken = 1;
-        while let Some((peer, payload)) = next {
+        for (peer, payload) in crate::tunnel::burst(first, bind) {
             let admitted = association.admit_peer(peer, Verdict::Relay, &policy, user);
             match admitted.map(|app| (app, replies.socket(peer))) {
                 Ok((app, Ok(socket))) => {
@@ -478,11 +476,6 @@ fn deliver_relayed(
                 }
                 Err(reason) => shared.counters.drop(reason),
             }
-            next = match bind.as_deref_mut() {
-                Some(b) if taken < 64 => b.try_recv(),
-                _ => None,
-            };
-            taken += 1;
         }
         sent
     });

@@ -582,6 +582,23 @@ impl Bind {
     }
 }
 
+/// `first` and the datagrams that have already arrived on `bind` after it, up to 64 in all:
+/// one burst to deliver together.
+pub fn burst(
+    first: (SocketAddr, Bytes),
+    mut bind: Option<&mut Bind>,
+) -> impl Iterator<Item = (SocketAddr, Bytes)> + '_ {
+    let mut first = Some(first);
+    let mut taken = 0;
+    std::iter::from_fn(move || {
+        taken += 1;
+        if taken > 64 {
+            return None;
+        }
+        first.take().or_else(|| bind.as_deref_mut()?.try_recv())
+    })
+}
+
 impl Drop for Bind {
     fn drop(&mut self) {
         self.closed.cancel();

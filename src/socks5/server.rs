@@ -848,9 +848,7 @@ impl Relay<'_> {
         let policy = shared.policy.load();
         let sent = crate::batch::send_batched(&self.client_socket, |batch| {
             let mut sent = crate::batch::Sent::default();
-            let mut next = Some(first);
-            let mut taken = 1;
-            while let Some((peer, payload)) = next {
+            for (peer, payload) in crate::tunnel::burst(first, self.bind.as_mut()) {
                 match self
                     .association
                     .admit_peer(peer, Verdict::Relay, &policy, &self.user)
@@ -864,11 +862,6 @@ impl Relay<'_> {
                     }
                     Err(reason) => shared.counters.drop(reason),
                 }
-                next = match self.bind.as_mut() {
-                    Some(bind) if taken < BATCH => bind.try_recv(),
-                    _ => None,
-                };
-                taken += 1;
             }
             sent
         });
