@@ -12,12 +12,12 @@ use crate::masque::wire::{self, Capsule};
 use arc_swap::ArcSwapOption;
 use bytes::{BufMut, Bytes};
 use http::{Method, StatusCode};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -85,13 +85,51 @@ pub enum SendError {
     Closed,
 }
 
-type Inbound = mpsc::Sender<Bytes>;
+/// Datagrams from the relay held for one bind while its owner is busy; more are dropped.
+const INBOUND_QUEUE: usize = 1024;
+
+/// What a bind's owner ([`Bind`]), its request-stream driver and the connection's datagram
+/// reader share. Queues rather than channels: an idle bind's queues hold no memory.
+#[derive(Debug)]
+struct BindState {
+    inner: Mutex<BindInner>,
+    /// Datagrams are waiting in `inbound`.
+    inbound_ready: Notify,
+    /// Capsules are waiting in `capsules`.
+    capsules_ready: Notify,
+}
+
+#[derive(Debug)]
+struct BindInner {
+    contexts: ClientContexts,
+    inbound: VecDeque<Bytes>,
+    /// Encoded capsules for the relay.
+    capsules: Vec<u8>,
+}
+
+impl BindState {
+    /// Queues a datagram from the relay; false if the queue is full.
+    fn deliver(&self, datagram: Bytes) -> bool {
+        let Ok(mut inner) = self.inner.lock() else {
+            return false;
+        };
+        if inner.inbound.len() >= INBOUND_QUEUE {
+            return false;
+        }
+        inner.inbound.push_back(datagram);
+        drop(inner);
+        self.inbound_ready.notify_one();
+        true
+    }
+}
+
+type Inbound = Arc<BindState>;
 
 /// A live connection to the relay.
 struct Live {
     conn: quinn::Connection,
     requests: SendRequest,
-    /// Inbound datagram channels by quarter stream ID.
+    /// Binds by quarter stream ID.
     binds: Arc<Mutex<HashMap<u64, Inbound>>>,
 }
 
@@ -343,18 +381,23 @@ impl Tunnel {
         .await
         .map_err(|_| OpenError::Failed("no acknowledgement of the uncompressed context".into()))?;
         acked?;
-        let (tx, rx) = mpsc::channel(1024);
+        let state = Arc::new(BindState {
+            inner: Mutex::new(BindInner {
+                contexts,
+                inbound: VecDeque::new(),
+                capsules: Vec::new(),
+            }),
+            inbound_ready: Notify::new(),
+            capsules_ready: Notify::new(),
+        });
         if let Ok(mut binds) = live.binds.lock() {
-            binds.insert(quarter, tx);
+            binds.insert(quarter, state.clone());
         }
-        let contexts = Arc::new(Mutex::new(contexts));
-        let (capsules_tx, capsules_rx) = mpsc::unbounded_channel();
         let closed = CancellationToken::new();
         tokio::spawn(drive_bind_stream(
             stream,
             pending,
-            contexts.clone(),
-            capsules_rx,
+            state.clone(),
             closed.clone(),
             live.binds.clone(),
             quarter,
@@ -363,10 +406,8 @@ impl Tunnel {
         Ok(Bind {
             conn: live.conn.clone(),
             quarter,
-            contexts,
+            state,
             public,
-            inbound: rx,
-            capsules: capsules_tx,
             closed,
         })
     }
@@ -435,19 +476,19 @@ async fn read_datagrams(
         let tx = quarter
             .ok()
             .and_then(|q| binds.lock().ok().and_then(|b| b.get(&q).cloned()));
-        let delivered = tx.is_some_and(|tx| tx.try_send(datagram).is_ok());
+        let delivered = tx.is_some_and(|bind| bind.deliver(datagram));
         if !delivered {
             counters.dropped_inbound.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Carries a bind's capsules both ways on its request stream until the stream or the bind
+/// ends.
 async fn drive_bind_stream(
     mut stream: ClientStream,
     mut buf: Vec<u8>,
-    contexts: Arc<Mutex<ClientContexts>>,
-    mut outgoing: mpsc::UnboundedReceiver<Vec<u8>>,
+    state: Arc<BindState>,
     closed: CancellationToken,
     binds: Arc<Mutex<HashMap<u64, Inbound>>>,
     quarter: u64,
@@ -455,13 +496,11 @@ async fn drive_bind_stream(
     loop {
         tokio::select! {
             _ = closed.cancelled() => break,
-            out = outgoing.recv() => match out {
-                Some(bytes) => {
-                    if stream.send_data(Bytes::from(bytes)).await.is_err() {
-                        break;
-                    }
+            _ = state.capsules_ready.notified() => {
+                let out = state.inner.lock().map(|mut i| std::mem::take(&mut i.capsules)).unwrap_or_default();
+                if !out.is_empty() && Box::pin(stream.send_data(Bytes::from(out))).await.is_err() {
+                    break;
                 }
-                None => break,
             },
             data = stream.recv_data() => match data {
                 Ok(Some(data)) => {
@@ -471,7 +510,7 @@ async fn drive_bind_stream(
                     let mut broken = false;
                     while let Ok(Some((capsule, n))) = wire::decode_capsule(buf.get(used..).unwrap_or_default()) {
                         used += n;
-                        let reply = contexts.lock().map_err(|_| ()).and_then(|mut c| c.on_capsule(&capsule).map_err(|_| ()));
+                        let reply = state.inner.lock().map_err(|_| ()).and_then(|mut i| i.contexts.on_capsule(&capsule).map_err(|_| ()));
                         match reply {
                             Ok(Some(r)) => r.encode(&mut replies),
                             Ok(None) => {}
@@ -483,7 +522,7 @@ async fn drive_bind_stream(
                         warn!("relay broke the capsule protocol; closing the bind");
                         break;
                     }
-                    if !replies.is_empty() && stream.send_data(Bytes::from(replies)).await.is_err() {
+                    if !replies.is_empty() && Box::pin(stream.send_data(Bytes::from(replies))).await.is_err() {
                         break;
                     }
                 }
@@ -495,7 +534,7 @@ async fn drive_bind_stream(
         b.remove(&quarter);
     }
     closed.cancel();
-    let _ = stream.finish().await;
+    let _ = Box::pin(stream.finish()).await;
 }
 
 /// One CONNECT-UDP bind: a public address on the relay, shared by every peer of one app socket.
@@ -504,10 +543,8 @@ async fn drive_bind_stream(
 pub struct Bind {
     conn: quinn::Connection,
     quarter: u64,
-    contexts: Arc<Mutex<ClientContexts>>,
+    state: Arc<BindState>,
     public: SocketAddr,
-    inbound: mpsc::Receiver<Bytes>,
-    capsules: mpsc::UnboundedSender<Vec<u8>>,
     closed: CancellationToken,
 }
 
@@ -523,17 +560,16 @@ impl Bind {
         if self.closed.is_cancelled() {
             return Err(SendError::Closed);
         }
-        let out = self
-            .contexts
-            .lock()
-            .ok()
-            .and_then(|mut c| c.outbound(peer))
-            .ok_or(SendError::Closed)?;
-        if let Some(assign) = out.assign {
-            let mut bytes = Vec::new();
-            assign.encode(&mut bytes);
-            let _ = self.capsules.send(bytes);
-        }
+        let out = {
+            let mut inner = self.state.inner.lock().map_err(|_| SendError::Closed)?;
+            let out = inner.contexts.outbound(peer).ok_or(SendError::Closed)?;
+            if let Some(assign) = &out.assign {
+                assign.encode(&mut inner.capsules);
+                drop(inner);
+                self.state.capsules_ready.notify_one();
+            }
+            out
+        };
         let mut d = Vec::with_capacity(16 + wire::uncompressed_address_len(peer) + payload.len());
         wire::write_http_datagram_prefix(&mut d, self.quarter, out.context_id);
         if !out.compressed {
@@ -548,38 +584,45 @@ impl Bind {
     }
 
     /// The next datagram from a peer: its address and UDP payload. `None` once the bind is
-    /// closed (relay closed it, or the connection was lost).
+    /// closed (relay closed it, or the connection was lost) and nothing is left to read.
     pub async fn recv(&mut self) -> Option<(SocketAddr, Bytes)> {
         loop {
-            let datagram = tokio::select! {
-                d = self.inbound.recv() => d?,
-                _ = self.closed.cancelled() => return None,
-            };
-            if let Some(found) = self.decode(&datagram) {
+            if let Some(found) = self.try_recv() {
                 return Some(found);
+            }
+            if self.closed.is_cancelled() {
+                return None;
+            }
+            tokio::select! {
+                _ = self.state.inbound_ready.notified() => {}
+                _ = self.closed.cancelled() => {}
             }
         }
     }
 
     /// A datagram from a peer that has already arrived, without waiting.
     pub fn try_recv(&mut self) -> Option<(SocketAddr, Bytes)> {
-        while let Ok(datagram) = self.inbound.try_recv() {
-            if let Some(found) = self.decode(&datagram) {
+        let mut inner = self.state.inner.lock().ok()?;
+        while let Some(datagram) = inner.inbound.pop_front() {
+            if let Some(found) = decode(&inner.contexts, &datagram) {
                 return Some(found);
             }
         }
+        // After a burst, give the queue's memory back.
+        if inner.inbound.capacity() > 64 {
+            inner.inbound = VecDeque::new();
+        }
         None
     }
+}
 
-    fn decode(&self, datagram: &Bytes) -> Option<(SocketAddr, Bytes)> {
-        let d = wire::decode_http_datagram(datagram).ok()?;
-        let offset = datagram.len() - d.payload.len();
-        let (peer, header) = self.contexts.lock().ok().and_then(|c| {
-            c.inbound(d.context_id, d.payload)
-                .map(|(peer, p)| (peer, d.payload.len() - p.len()))
-        })?;
-        Some((peer, datagram.slice(offset + header..)))
-    }
+/// A datagram from the relay: its peer and UDP payload, if its context is known.
+fn decode(contexts: &ClientContexts, datagram: &Bytes) -> Option<(SocketAddr, Bytes)> {
+    let d = wire::decode_http_datagram(datagram).ok()?;
+    let offset = datagram.len() - d.payload.len();
+    let (peer, p) = contexts.inbound(d.context_id, d.payload)?;
+    let header = d.payload.len() - p.len();
+    Some((peer, datagram.slice(offset + header..)))
 }
 
 /// `first` and the datagrams that have already arrived on `bind` after it, up to 64 in all:

@@ -11,7 +11,7 @@
 //! the echo across two veth links and a router, so the same run also measures direct UDP over
 //! that route as this row's floor.
 
-use super::netns::Topology;
+use super::netns::{Topology, in_netns};
 use super::{Daemon, Direct, Echo, Path2, bench_socket, spawn};
 use std::path::Path;
 use std::sync::Arc;
@@ -29,26 +29,6 @@ pub(crate) struct Transparent {
     topology: Topology,
 }
 
-/// Runs `f` on a thread inside namespace `ns`, as filesystem uid `fsuid` if given (so sockets it
-/// creates belong to that uid), and returns what it returns.
-fn in_netns<T: Send + 'static>(
-    ns: &str,
-    fsuid: Option<u32>,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("open the namespace");
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        if let Some(uid) = fsuid {
-            nix::unistd::setfsuid(nix::unistd::Uid::from_raw(uid));
-        }
-        f()
-    })
-    .join()
-    .expect("namespace thread")
-}
-
 /// Starts everything, or says why not (not root: namespaces and nftables need it).
 pub(crate) fn start(pki: &Path, dir: &Path) -> Result<Transparent, String> {
     if !nix::unistd::geteuid().is_root() {
@@ -59,7 +39,7 @@ pub(crate) fn start(pki: &Path, dir: &Path) -> Result<Transparent, String> {
         .host("c", &format!("{CLIENT_IP}/24"), "192.0.2.1/24")
         .host("e", "203.0.113.2/24", "203.0.113.1/24");
     let (c, e) = (topology.ns("c"), topology.ns("e"));
-    let echo = in_netns(&e, None, || Echo::start(ECHO_BIND));
+    let echo = in_netns(Some(&e), || Echo::start(ECHO_BIND));
 
     std::fs::write(
         pki.join("relay-t.toml"),
@@ -124,7 +104,11 @@ pub(crate) fn start(pki: &Path, dir: &Path) -> Result<Transparent, String> {
 impl Transparent {
     fn socket(&self, fsuid: Option<u32>) -> Arc<dyn Path2> {
         let echo = self.echo.addr;
-        let socket = in_netns(&self.topology.ns("c"), fsuid, move || {
+        let socket = in_netns(Some(&self.topology.ns("c")), move || {
+            // Sockets belong to the filesystem uid of the thread that makes them.
+            if let Some(uid) = fsuid {
+                nix::unistd::setfsuid(nix::unistd::Uid::from_raw(uid));
+            }
             let s = bench_socket("0.0.0.0:0");
             s.connect(echo).expect("connect");
             s

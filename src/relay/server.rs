@@ -437,10 +437,21 @@ async fn serve_connection(
             tunnels.clone(),
             shutdown.child_token(),
         );
-        requests.spawn(async move {
+        // Set-up runs boxed and is freed when done, so a bind's long-lived task holds only its
+        // datagram loop (memory per idle bind).
+        let set_up = Box::pin(async move {
             match resolver.resolve_request().await {
                 Ok((req, stream)) => serve_request(shared, conn, tunnels, req, stream, token).await,
-                Err(e) => debug!(error = %e, "bad request"),
+                Err(e) => {
+                    debug!(error = %e, "bad request");
+                    None
+                }
+            }
+        });
+        requests.spawn(async move {
+            let open = set_up.await;
+            if let Some(open) = open {
+                open.serve().await;
             }
         });
     }
@@ -613,35 +624,40 @@ async fn serve_request(
     req: http::Request<()>,
     mut stream: H3Stream,
     shutdown: CancellationToken,
-) {
+) -> Option<OpenUdp> {
     let (user, admitted) = match admit(&shared, &req).await {
         Ok(a) => a,
-        Err(r) => return refuse(&shared, &mut stream, r).await,
+        Err(r) => {
+            refuse(&shared, &mut stream, r).await;
+            return None;
+        }
     };
-    let Some(_slot) = take_bind_slot(&shared, &user) else {
+    let Some(slot) = take_bind_slot(&shared, &user) else {
         let r = Refuse(
             StatusCode::TOO_MANY_REQUESTS,
             "connection_limit_reached",
             format!("quota for user {user}"),
         );
-        return refuse(&shared, &mut stream, r).await;
+        refuse(&shared, &mut stream, r).await;
+        return None;
     };
     // A port below 1024 is never handed out, whatever a sidecar asks for.
     let preferred = header(&req, mreq::HEADER_PREFERRED_PORT)
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| v.parse::<u16>().ok())
         .filter(|p| *p >= 1024);
-    match admitted {
-        Admitted::Tcp(target) => serve_tcp(&shared, &user, target, stream, shutdown).await,
-        Admitted::Bind => {
-            let target = Target::Bind { preferred };
-            serve_udp(&shared, conn, tunnels, user, target, stream, shutdown).await
+    drop(req);
+    let target = match admitted {
+        Admitted::Tcp(target) => {
+            serve_tcp(&shared, &user, target, stream, shutdown).await;
+            drop(slot);
+            return None;
         }
-        Admitted::Fixed(t) => {
-            let target = Target::Fixed(t);
-            serve_udp(&shared, conn, tunnels, user, target, stream, shutdown).await
-        }
-    }
+        Admitted::Bind => Target::Bind { preferred },
+        Admitted::Fixed(t) => Target::Fixed(t),
+    };
+    let user = (user, slot);
+    open_udp(shared, conn, tunnels, user, target, stream, shutdown).await
 }
 
 async fn serve_tcp(
@@ -754,15 +770,16 @@ enum Target {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn serve_udp(
-    shared: &Arc<Shared>,
+/// Opens the UDP socket of a CONNECT-UDP request and answers 200, or refuses.
+async fn open_udp(
+    shared: Arc<Shared>,
     conn: quinn::Connection,
     tunnels: Tunnels,
-    user: String,
+    (user, slot): (String, BindSlot),
     target: Target,
     mut stream: H3Stream,
     shutdown: CancellationToken,
-) {
+) -> Option<OpenUdp> {
     let (fixed, preferred) = match target {
         Target::Bind { preferred } => (None, preferred),
         Target::Fixed(t) => (Some(t), None),
@@ -770,7 +787,7 @@ async fn serve_udp(
     let ip = shared.config.public_address;
     let mut socket = Err(io::Error::other("no preferred port"));
     if let Some(port) = preferred {
-        socket = bind_preferred(shared, &user, conn.stable_id(), SocketAddr::new(ip, port)).await;
+        socket = bind_preferred(&shared, &user, conn.stable_id(), SocketAddr::new(ip, port)).await;
         if socket.is_err() {
             debug!(user = %user, port, "preferred public port taken; picking another");
         }
@@ -789,7 +806,8 @@ async fn serve_udp(
                 "proxy_internal_error",
                 e.to_string(),
             );
-            return refuse(shared, &mut stream, r).await;
+            refuse(&shared, &mut stream, r).await;
+            return None;
         }
     };
     if let Some(target) = fixed
@@ -800,11 +818,10 @@ async fn serve_udp(
             "destination_unavailable",
             e.to_string(),
         );
-        return refuse(shared, &mut stream, r).await;
+        refuse(&shared, &mut stream, r).await;
+        return None;
     }
-    let Ok(bound) = socket.local_addr() else {
-        return;
-    };
+    let bound = socket.local_addr().ok()?;
     let mut resp = Response::builder()
         .status(StatusCode::OK)
         .header(HEADER_CAPSULE_PROTOCOL, "?1");
@@ -814,7 +831,7 @@ async fn serve_udp(
             mreq::format_public_addresses(&[bound]),
         );
     }
-    let Ok(resp) = resp.body(()) else { return };
+    let resp = resp.body(()).ok()?;
     let quarter = stream.id().into_inner() / 4;
     let mode = match fixed {
         Some(_) => Mode::Fixed,
@@ -844,71 +861,119 @@ async fn serve_udp(
         };
         ports.insert(port, holder);
     }
-    let forget_port = || {
-        if let (Some(port), Ok(mut ports)) = (hairpin_port, shared.bind_ports.lock())
-            && ports.get(&port).is_some_and(|h| h.bind == id)
+    let mut open = OpenUdp {
+        _slot: slot,
+        shared,
+        conn,
+        tunnels,
+        user,
+        stream,
+        shutdown,
+        tunnel,
+        quarter,
+        bound,
+        fixed,
+        hairpin_port,
+        id,
+        release,
+    };
+    if open.stream.send_response(resp).await.is_err() {
+        open.forget();
+        return None;
+    }
+    bump(&open.shared.counters.requests_accepted);
+    info!(user = %open.user, public = %open.bound, target = ?open.fixed, "udp tunnel open");
+    Some(open)
+}
+
+/// A UDP request the relay has answered with 200: what its datagram loop needs.
+struct OpenUdp {
+    /// The request's place in its user's and the global bind count (and its user's quotas).
+    _slot: BindSlot,
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    tunnels: Tunnels,
+    user: String,
+    stream: H3Stream,
+    shutdown: CancellationToken,
+    tunnel: Arc<Tunnel>,
+    /// The request's quarter stream ID, which prefixes its datagrams.
+    quarter: u64,
+    bound: SocketAddr,
+    fixed: Option<SocketAddr>,
+    /// The public port other binds may send to (hairpin), if this is a bind.
+    hairpin_port: Option<u16>,
+    id: u64,
+    /// Cancelled when a newer bind of the same user takes the port over.
+    release: CancellationToken,
+}
+
+impl OpenUdp {
+    /// Forgets the request: its datagrams and its public port.
+    fn forget(&self) {
+        self.tunnels
+            .lock()
+            .map(|mut t| t.remove(&self.quarter))
+            .ok();
+        if let (Some(port), Ok(mut ports)) = (self.hairpin_port, self.shared.bind_ports.lock())
+            && ports.get(&port).is_some_and(|h| h.bind == self.id)
         {
             ports.remove(&port);
         }
-    };
-    if stream.send_response(resp).await.is_err() {
-        tunnels.lock().map(|mut t| t.remove(&quarter)).ok();
-        forget_port();
-        return;
     }
-    bump(&shared.counters.requests_accepted);
-    info!(user = %user, public = %bound, target = ?fixed, "udp tunnel open");
 
-    let mut capsules = Vec::new();
-    let idle = shared.config.quotas.idle_timeout;
-    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-    // Checked now and then rather than a timer re-armed for every packet.
-    let mut idle_check = tokio::time::interval(Duration::from_secs(5));
-    let reason = loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break "shutdown",
-            _ = release.cancelled() => break "port taken over by a newer bind of the same user",
-            data = stream.recv_data() => match data {
-                Ok(Some(data)) => {
-                    capsules.put(data);
-                    match handle_capsules(shared, &tunnel, &mut capsules) {
-                        Ok(replies) if replies.is_empty() => {}
-                        Ok(replies) => {
-                            if stream.send_data(Bytes::from(replies)).await.is_err() {
-                                break "stream closed";
+    /// Carries capsules and the bind's inbound datagrams until the request or the bind ends.
+    async fn serve(mut self) {
+        let (shared, tunnel) = (&self.shared, &self.tunnel);
+        let mut capsules = Vec::new();
+        let idle = shared.config.quotas.idle_timeout;
+        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        // Checked now and then rather than a timer re-armed for every packet.
+        let mut idle_check = tokio::time::interval(Duration::from_secs(5));
+        let reason = loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break "shutdown",
+                _ = self.release.cancelled() => break "port taken over by a newer bind of the same user",
+                data = self.stream.recv_data() => match data {
+                    Ok(Some(data)) => {
+                        capsules.put(data);
+                        match handle_capsules(shared, tunnel, &mut capsules) {
+                            Ok(replies) if replies.is_empty() => {}
+                            Ok(replies) => {
+                                if Box::pin(self.stream.send_data(Bytes::from(replies))).await.is_err() {
+                                    break "stream closed";
+                                }
+                            }
+                            Err(e) => {
+                                warn!(user = %self.user, error = %e, "capsule protocol error");
+                                self.stream.stop_stream(h3::error::Code::H3_DATAGRAM_ERROR);
+                                break "capsule error";
                             }
                         }
-                        Err(e) => {
-                            warn!(user = %user, error = %e, "capsule protocol error");
-                            stream.stop_stream(h3::error::Code::H3_DATAGRAM_ERROR);
-                            break "capsule error";
-                        }
+                    }
+                    Ok(None) => break "request stream finished",
+                    Err(_) => break "request stream reset",
+                },
+                r = tunnel.socket.readable() => {
+                    if r.is_err() {
+                        break "socket error";
+                    }
+                    if crate::with_buffer(|buf| to_client(shared, &self.conn, tunnel, self.quarter, buf)).is_err() {
+                        break "connection lost";
                     }
                 }
-                Ok(None) => break "request stream finished",
-                Err(_) => break "request stream reset",
-            },
-            r = tunnel.socket.readable() => {
-                if r.is_err() {
-                    break "socket error";
-                }
-                if crate::with_buffer(|buf| to_client(shared, &conn, &tunnel, quarter, buf)).is_err() {
-                    break "connection lost";
+                _ = idle_check.tick() => {
+                    let quiet = shared.millis().saturating_sub(tunnel.active.load(Ordering::Relaxed));
+                    if quiet >= idle_ms {
+                        break "idle";
+                    }
                 }
             }
-            _ = idle_check.tick() => {
-                let quiet = shared.millis().saturating_sub(tunnel.active.load(Ordering::Relaxed));
-                if quiet >= idle_ms {
-                    break "idle";
-                }
-            }
-        }
-    };
-    tunnels.lock().map(|mut t| t.remove(&quarter)).ok();
-    forget_port();
-    drop(tunnel);
-    let _ = stream.finish().await;
-    info!(user = %user, public = %bound, reason, "udp tunnel closed");
+        };
+        self.forget();
+        let _ = Box::pin(self.stream.finish()).await;
+        info!(user = %self.user, public = %self.bound, reason, "udp tunnel closed");
+    }
 }
 
 fn handle_capsules(shared: &Shared, tunnel: &Tunnel, buf: &mut Vec<u8>) -> Result<Vec<u8>, String> {

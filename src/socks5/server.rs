@@ -480,18 +480,28 @@ async fn serve(
     let handshake = handshake(shared, &mut stream, peer);
     let (user, request) = tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
-        r = tokio::time::timeout(shared.config.handshake_timeout, handshake) => {
+        r = Box::pin(tokio::time::timeout(shared.config.handshake_timeout, handshake)) => {
             r.map_err(|_| SessionError::Timeout)??
         }
     };
     let limits = shared.policy.load().policy.limits(&user);
     let Some(_slot) = take_session_slot(shared, &user, limits.max_associations) else {
         info!(user = %user, client = %peer, limit = limits.max_associations, "session refused: too many sessions");
-        return Err(refuse(&mut stream, Reply::NotAllowed).await);
+        return Err(Box::pin(refuse(&mut stream, Reply::NotAllowed)).await);
     };
     shared.counters.sessions.fetch_add(1, Ordering::Relaxed);
     match request.command {
-        Command::Connect => connect(shared, stream, peer, &user, request.address, shutdown).await,
+        Command::Connect => {
+            Box::pin(connect(
+                shared,
+                stream,
+                peer,
+                &user,
+                request.address,
+                shutdown,
+            ))
+            .await
+        }
         Command::UdpAssociate => {
             associate(
                 shared,
@@ -504,7 +514,7 @@ async fn serve(
             )
             .await
         }
-        Command::Bind => Err(refuse(&mut stream, Reply::CommandNotSupported).await),
+        Command::Bind => Err(Box::pin(refuse(&mut stream, Reply::CommandNotSupported)).await),
     }
 }
 
@@ -985,7 +995,7 @@ async fn associate(
             crate::SocketBuffers::PerAssociation.apply(&s);
             s
         }
-        Err(_) => return Err(refuse(&mut control, Reply::GeneralFailure).await),
+        Err(_) => return Err(Box::pin(refuse(&mut control, Reply::GeneralFailure)).await),
     };
     let bound = client_socket.local_addr()?;
     // Open the relay bind before answering, so the app's first packets (STUN, usually) find it.
@@ -993,8 +1003,11 @@ async fn associate(
     if let Some(tunnel) = &shared.config.tunnel
         && tunnel.state() == TunnelState::Connected
     {
-        match tokio::time::timeout(Duration::from_secs(3), tunnel.open_bind(user.name(), None))
-            .await
+        match Box::pin(tokio::time::timeout(
+            Duration::from_secs(3),
+            tunnel.open_bind(user.name(), None),
+        ))
+        .await
         {
             Ok(Ok(b)) => bind = Some(b),
             Ok(Err(e)) => {
@@ -1003,9 +1016,7 @@ async fn associate(
             Err(_) => warn!(user = %user, "relay bind timed out; relayed traffic is dropped"),
         }
     }
-    control
-        .write_all(&codec::encode_reply(Reply::Succeeded, bound))
-        .await?;
+    Box::pin(control.write_all(&codec::encode_reply(Reply::Succeeded, bound))).await?;
     let public = bind.as_ref().map(|b| b.public_address().to_string());
     info!(user = %user, client = %peer, udp = %bound, declared = %declared, relay_public = public.as_deref().unwrap_or("none"), "udp association open");
 
@@ -1040,7 +1051,7 @@ async fn associate(
             r = relay.client_socket.readable() => {
                 r?;
                 if let Some(pending) = relay.drain_client() {
-                    relay.resolve_and_forward(pending).await;
+                    Box::pin(relay.resolve_and_forward(pending)).await;
                 }
             }
             r = readable(relay.out_v4.as_ref()) => { r?; relay.drain_peers(false); }

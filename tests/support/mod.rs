@@ -4,6 +4,8 @@
 
 pub mod netns;
 
+pub use netns::in_netns;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -422,20 +424,6 @@ pub fn spawn_relay(netns: Option<&str>, config: &Path) -> Daemon {
     let mut cmd = veil_in(netns);
     cmd.arg("relay").arg("--config").arg(config);
     Daemon::spawn(cmd)
-}
-
-/// Runs `f` on a thread that has entered network namespace `ns` (sockets it makes live there).
-pub fn in_netns<T: Send + 'static>(ns: Option<&str>, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = ns.map(str::to_owned);
-    std::thread::spawn(move || {
-        if let Some(ns) = ns {
-            let file = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("open netns");
-            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        }
-        f()
-    })
-    .join()
-    .expect("netns thread")
 }
 
 /// What an echo server received: sender and payload.

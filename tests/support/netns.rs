@@ -226,3 +226,17 @@ impl Drop for Capture {
         let _ = self.child.wait();
     }
 }
+
+/// Runs `f` on a thread that has entered network namespace `ns` (sockets it makes live there).
+pub fn in_netns<T: Send + 'static>(ns: Option<&str>, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = ns.map(str::to_owned);
+    std::thread::spawn(move || {
+        if let Some(ns) = ns {
+            let file = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("open netns");
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        }
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
