@@ -16,6 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -93,8 +94,6 @@ const INBOUND_QUEUE: usize = 1024;
 #[derive(Debug)]
 struct BindState {
     inner: Mutex<BindInner>,
-    /// Datagrams are waiting in `inbound`.
-    inbound_ready: Notify,
     /// Capsules are waiting in `capsules`.
     capsules_ready: Notify,
 }
@@ -103,6 +102,10 @@ struct BindState {
 struct BindInner {
     contexts: ClientContexts,
     inbound: VecDeque<Bytes>,
+    /// The bind's owner, waiting in [`Bind::poll_recv`] for `inbound`.
+    owner: Option<Waker>,
+    /// The request stream has ended: nothing more will arrive.
+    closed: bool,
     /// Encoded capsules for the relay.
     capsules: Vec<u8>,
 }
@@ -110,16 +113,31 @@ struct BindInner {
 impl BindState {
     /// Queues a datagram from the relay; false if the queue is full.
     fn deliver(&self, datagram: Bytes) -> bool {
-        let Ok(mut inner) = self.inner.lock() else {
-            return false;
+        let owner = {
+            let Ok(mut inner) = self.inner.lock() else {
+                return false;
+            };
+            if inner.inbound.len() >= INBOUND_QUEUE {
+                return false;
+            }
+            inner.inbound.push_back(datagram);
+            inner.owner.take()
         };
-        if inner.inbound.len() >= INBOUND_QUEUE {
-            return false;
+        if let Some(owner) = owner {
+            owner.wake();
         }
-        inner.inbound.push_back(datagram);
-        drop(inner);
-        self.inbound_ready.notify_one();
         true
+    }
+
+    /// Marks the bind closed and wakes its owner.
+    fn close(&self) {
+        let owner = self.inner.lock().ok().and_then(|mut i| {
+            i.closed = true;
+            i.owner.take()
+        });
+        if let Some(owner) = owner {
+            owner.wake();
+        }
     }
 }
 
@@ -385,9 +403,10 @@ impl Tunnel {
             inner: Mutex::new(BindInner {
                 contexts,
                 inbound: VecDeque::new(),
+                owner: None,
+                closed: false,
                 capsules: Vec::new(),
             }),
-            inbound_ready: Notify::new(),
             capsules_ready: Notify::new(),
         });
         if let Ok(mut binds) = live.binds.lock() {
@@ -534,6 +553,7 @@ async fn drive_bind_stream(
         b.remove(&quarter);
     }
     closed.cancel();
+    state.close();
     let _ = Box::pin(stream.finish()).await;
 }
 
@@ -586,34 +606,48 @@ impl Bind {
     /// The next datagram from a peer: its address and UDP payload. `None` once the bind is
     /// closed (relay closed it, or the connection was lost) and nothing is left to read.
     pub async fn recv(&mut self) -> Option<(SocketAddr, Bytes)> {
-        loop {
-            if let Some(found) = self.try_recv() {
-                return Some(found);
-            }
-            if self.closed.is_cancelled() {
-                return None;
-            }
-            tokio::select! {
-                _ = self.state.inbound_ready.notified() => {}
-                _ = self.closed.cancelled() => {}
-            }
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// [`Bind::recv`] as a poll: no future to keep between polls.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<(SocketAddr, Bytes)>> {
+        let Ok(mut inner) = self.state.inner.lock() else {
+            return Poll::Ready(None);
+        };
+        if let Some(found) = next_inbound(&mut inner) {
+            return Poll::Ready(Some(found));
         }
+        if inner.closed || self.closed.is_cancelled() {
+            return Poll::Ready(None);
+        }
+        if !inner
+            .owner
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            inner.owner = Some(cx.waker().clone());
+        }
+        Poll::Pending
     }
 
     /// A datagram from a peer that has already arrived, without waiting.
     pub fn try_recv(&mut self) -> Option<(SocketAddr, Bytes)> {
-        let mut inner = self.state.inner.lock().ok()?;
-        while let Some(datagram) = inner.inbound.pop_front() {
-            if let Some(found) = decode(&inner.contexts, &datagram) {
-                return Some(found);
-            }
-        }
-        // After a burst, give the queue's memory back.
-        if inner.inbound.capacity() > 64 {
-            inner.inbound = VecDeque::new();
-        }
-        None
+        next_inbound(&mut *self.state.inner.lock().ok()?)
     }
+}
+
+/// The first queued datagram whose context is known: its peer and UDP payload.
+fn next_inbound(inner: &mut BindInner) -> Option<(SocketAddr, Bytes)> {
+    while let Some(datagram) = inner.inbound.pop_front() {
+        if let Some(found) = decode(&inner.contexts, &datagram) {
+            return Some(found);
+        }
+    }
+    // After a burst, give the queue's memory back.
+    if inner.inbound.capacity() > 64 {
+        inner.inbound = VecDeque::new();
+    }
+    None
 }
 
 /// A datagram from the relay: its peer and UDP payload, if its context is known.

@@ -449,10 +449,13 @@ async fn serve_connection(
             }
         });
         requests.spawn(async move {
-            let open = set_up.await;
-            if let Some(open) = open {
-                open.serve().await;
-            }
+            // `open` is moved into the loop's future before it is awaited, so the task holds
+            // one copy of it, not two.
+            let serve = match set_up.await {
+                Some(open) => open.serve(),
+                None => return,
+            };
+            serve.await;
         });
     }
     requests.close();
@@ -954,7 +957,8 @@ impl OpenUdp {
                     Ok(None) => break "request stream finished",
                     Err(_) => break "request stream reset",
                 },
-                r = tunnel.socket.readable() => {
+                // Polled in place rather than through `readable()`'s future: memory per bind.
+                r = std::future::poll_fn(|cx| tunnel.socket.poll_recv_ready(cx)) => {
                     if r.is_err() {
                         break "socket error";
                     }

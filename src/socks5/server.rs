@@ -17,6 +17,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -668,6 +669,8 @@ struct Relay<'a> {
     public_port: Option<u16>,
     /// This association in the status registry.
     live: crate::status::LiveSession,
+    /// Which socket [`poll_ready`] looks at first.
+    turn: usize,
 }
 
 /// A datagram to a domain target whose name must be resolved first.
@@ -717,11 +720,41 @@ async fn opened(
     }
 }
 
-async fn readable(socket: Option<&UdpSocket>) -> io::Result<()> {
-    match socket {
-        Some(s) => s.readable().await,
-        None => std::future::pending().await,
+/// Which of an association's sockets has something to read.
+enum Ready {
+    /// The SOCKS5 control connection (data or its end).
+    Control,
+    /// The UDP socket facing the client.
+    Client,
+    /// An outbound socket (replies from `direct` targets).
+    Peers { v6: bool },
+}
+
+/// Waits for any of an association's sockets to be readable, without a future per socket
+/// (memory per idle association). Starts from a different socket each time (`turn`), so a
+/// flooded one cannot starve the others.
+fn poll_ready(
+    cx: &mut Context<'_>,
+    turn: &mut usize,
+    control: &TcpStream,
+    client: &UdpSocket,
+    out: [Option<&UdpSocket>; 2],
+) -> Poll<io::Result<Ready>> {
+    *turn = turn.wrapping_add(1);
+    for i in 0..4 {
+        let (ready, which) = match (*turn + i) % 4 {
+            0 => (control.poll_read_ready(cx), Ready::Control),
+            1 => (client.poll_recv_ready(cx), Ready::Client),
+            n => match out[n - 2] {
+                Some(s) => (s.poll_recv_ready(cx), Ready::Peers { v6: n == 3 }),
+                None => continue,
+            },
+        };
+        if let Poll::Ready(r) = ready {
+            return Poll::Ready(r.map(|()| which));
+        }
     }
+    Poll::Pending
 }
 
 impl Relay<'_> {
@@ -1036,26 +1069,27 @@ async fn associate(
         bind,
         opening: None,
         last_attempt: None,
+        turn: 0,
     };
     relay.maybe_open_bind();
-    let mut control_byte = [0u8; 64];
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            // RFC 1928 §7: the association ends when its TCP connection does.
-            r = control.read(&mut control_byte) => match r {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            },
-            r = relay.client_socket.readable() => {
-                r?;
-                if let Some(pending) = relay.drain_client() {
-                    Box::pin(relay.resolve_and_forward(pending)).await;
+            r = std::future::poll_fn(|cx| poll_ready(cx, &mut relay.turn, &control, &relay.client_socket, [relay.out_v4.as_ref(), relay.out_v6.as_ref()])) => match r? {
+                // RFC 1928 §7: the association ends when its TCP connection does.
+                Ready::Control => match control.try_read(&mut [0u8; 64]) {
+                    Ok(0) => break,
+                    Err(e) if e.kind() != io::ErrorKind::WouldBlock => break,
+                    _ => {}
+                },
+                Ready::Client => {
+                    if let Some(pending) = relay.drain_client() {
+                        Box::pin(relay.resolve_and_forward(pending)).await;
+                    }
                 }
-            }
-            r = readable(relay.out_v4.as_ref()) => { r?; relay.drain_peers(false); }
-            r = readable(relay.out_v6.as_ref()) => { r?; relay.drain_peers(true); }
+                Ready::Peers { v6 } => relay.drain_peers(v6),
+            },
             d = next_relayed(relay.bind.as_mut()) => match d {
                 Some(first) => relay.deliver_relayed(first),
                 None => {
