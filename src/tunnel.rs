@@ -504,57 +504,64 @@ async fn read_datagrams(
 
 /// Carries a bind's capsules both ways on its request stream until the stream or the bind
 /// ends.
-async fn drive_bind_stream(
+///
+/// A plain function returning an `async move` block, not an `async fn`: an `async fn` keeps
+/// its arguments twice in its future (rust-lang/rust#62958), and the stream is 400-odd bytes
+/// held for the life of every bind.
+#[allow(clippy::manual_async_fn)]
+fn drive_bind_stream(
     mut stream: ClientStream,
     mut buf: Vec<u8>,
     state: Arc<BindState>,
     closed: CancellationToken,
     binds: Arc<Mutex<HashMap<u64, Inbound>>>,
     quarter: u64,
-) {
-    loop {
-        tokio::select! {
-            _ = closed.cancelled() => break,
-            _ = state.capsules_ready.notified() => {
-                let out = state.inner.lock().map(|mut i| std::mem::take(&mut i.capsules)).unwrap_or_default();
-                if !out.is_empty() && Box::pin(stream.send_data(Bytes::from(out))).await.is_err() {
-                    break;
-                }
-            },
-            data = stream.recv_data() => match data {
-                Ok(Some(data)) => {
-                    buf.put(data);
-                    let mut replies = Vec::new();
-                    let mut used = 0;
-                    let mut broken = false;
-                    while let Ok(Some((capsule, n))) = wire::decode_capsule(buf.get(used..).unwrap_or_default()) {
-                        used += n;
-                        let reply = state.inner.lock().map_err(|_| ()).and_then(|mut i| i.contexts.on_capsule(&capsule).map_err(|_| ()));
-                        match reply {
-                            Ok(Some(r)) => r.encode(&mut replies),
-                            Ok(None) => {}
-                            Err(()) => broken = true,
+) -> impl Future<Output = ()> {
+    async move {
+        loop {
+            tokio::select! {
+                _ = closed.cancelled() => break,
+                _ = state.capsules_ready.notified() => {
+                    let out = state.inner.lock().map(|mut i| std::mem::take(&mut i.capsules)).unwrap_or_default();
+                    if !out.is_empty() && Box::pin(stream.send_data(Bytes::from(out))).await.is_err() {
+                        break;
+                    }
+                },
+                data = stream.recv_data() => match data {
+                    Ok(Some(data)) => {
+                        buf.put(data);
+                        let mut replies = Vec::new();
+                        let mut used = 0;
+                        let mut broken = false;
+                        while let Ok(Some((capsule, n))) = wire::decode_capsule(buf.get(used..).unwrap_or_default()) {
+                            used += n;
+                            let reply = state.inner.lock().map_err(|_| ()).and_then(|mut i| i.contexts.on_capsule(&capsule).map_err(|_| ()));
+                            match reply {
+                                Ok(Some(r)) => r.encode(&mut replies),
+                                Ok(None) => {}
+                                Err(()) => broken = true,
+                            }
+                        }
+                        buf.drain(..used);
+                        if broken || wire::decode_capsule(&buf).is_err() {
+                            warn!("relay broke the capsule protocol; closing the bind");
+                            break;
+                        }
+                        if !replies.is_empty() && Box::pin(stream.send_data(Bytes::from(replies))).await.is_err() {
+                            break;
                         }
                     }
-                    buf.drain(..used);
-                    if broken || wire::decode_capsule(&buf).is_err() {
-                        warn!("relay broke the capsule protocol; closing the bind");
-                        break;
-                    }
-                    if !replies.is_empty() && Box::pin(stream.send_data(Bytes::from(replies))).await.is_err() {
-                        break;
-                    }
-                }
-                _ => break,
-            },
+                    _ => break,
+                },
+            }
         }
+        if let Ok(mut b) = binds.lock() {
+            b.remove(&quarter);
+        }
+        closed.cancel();
+        state.close();
+        let _ = Box::pin(stream.finish()).await;
     }
-    if let Ok(mut b) = binds.lock() {
-        b.remove(&quarter);
-    }
-    closed.cancel();
-    state.close();
-    let _ = Box::pin(stream.finish()).await;
 }
 
 /// One CONNECT-UDP bind: a public address on the relay, shared by every peer of one app socket.

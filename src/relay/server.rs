@@ -926,57 +926,62 @@ impl OpenUdp {
     }
 
     /// Carries capsules and the bind's inbound datagrams until the request or the bind ends.
-    async fn serve(mut self) {
-        let (shared, tunnel) = (&self.shared, &self.tunnel);
-        let mut capsules = Vec::new();
-        let idle = shared.config.quotas.idle_timeout;
-        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-        // Checked now and then rather than a timer re-armed for every packet.
-        let mut idle_check = tokio::time::interval(Duration::from_secs(5));
-        let reason = loop {
-            tokio::select! {
-                _ = self.shutdown.cancelled() => break "shutdown",
-                _ = self.release.cancelled() => break "port taken over by a newer bind of the same user",
-                data = self.stream.recv_data() => match data {
-                    Ok(Some(data)) => {
-                        capsules.put(data);
-                        match handle_capsules(shared, tunnel, &mut capsules) {
-                            Ok(replies) if replies.is_empty() => {}
-                            Ok(replies) => {
-                                if Box::pin(self.stream.send_data(Bytes::from(replies))).await.is_err() {
-                                    break "stream closed";
+    /// (An `async move` block rather than an `async fn`, which would hold `self` twice:
+    /// rust-lang/rust#62958.)
+    #[allow(clippy::manual_async_fn)]
+    fn serve(mut self) -> impl Future<Output = ()> {
+        async move {
+            let (shared, tunnel) = (&self.shared, &self.tunnel);
+            let mut capsules = Vec::new();
+            let idle = shared.config.quotas.idle_timeout;
+            let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+            // Checked now and then rather than a timer re-armed for every packet.
+            let mut idle_check = tokio::time::interval(Duration::from_secs(5));
+            let reason = loop {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => break "shutdown",
+                    _ = self.release.cancelled() => break "port taken over by a newer bind of the same user",
+                    data = self.stream.recv_data() => match data {
+                        Ok(Some(data)) => {
+                            capsules.put(data);
+                            match handle_capsules(shared, tunnel, &mut capsules) {
+                                Ok(replies) if replies.is_empty() => {}
+                                Ok(replies) => {
+                                    if Box::pin(self.stream.send_data(Bytes::from(replies))).await.is_err() {
+                                        break "stream closed";
+                                    }
+                                }
+                                Err(e) => {
+                                    warn!(user = %self.user, error = %e, "capsule protocol error");
+                                    self.stream.stop_stream(h3::error::Code::H3_DATAGRAM_ERROR);
+                                    break "capsule error";
                                 }
                             }
-                            Err(e) => {
-                                warn!(user = %self.user, error = %e, "capsule protocol error");
-                                self.stream.stop_stream(h3::error::Code::H3_DATAGRAM_ERROR);
-                                break "capsule error";
-                            }
+                        }
+                        Ok(None) => break "request stream finished",
+                        Err(_) => break "request stream reset",
+                    },
+                    // Polled in place rather than through `readable()`'s future: memory per bind.
+                    r = std::future::poll_fn(|cx| tunnel.socket.poll_recv_ready(cx)) => {
+                        if r.is_err() {
+                            break "socket error";
+                        }
+                        if crate::with_buffer(|buf| to_client(shared, &self.conn, tunnel, self.quarter, buf)).is_err() {
+                            break "connection lost";
                         }
                     }
-                    Ok(None) => break "request stream finished",
-                    Err(_) => break "request stream reset",
-                },
-                // Polled in place rather than through `readable()`'s future: memory per bind.
-                r = std::future::poll_fn(|cx| tunnel.socket.poll_recv_ready(cx)) => {
-                    if r.is_err() {
-                        break "socket error";
-                    }
-                    if crate::with_buffer(|buf| to_client(shared, &self.conn, tunnel, self.quarter, buf)).is_err() {
-                        break "connection lost";
+                    _ = idle_check.tick() => {
+                        let quiet = shared.millis().saturating_sub(tunnel.active.load(Ordering::Relaxed));
+                        if quiet >= idle_ms {
+                            break "idle";
+                        }
                     }
                 }
-                _ = idle_check.tick() => {
-                    let quiet = shared.millis().saturating_sub(tunnel.active.load(Ordering::Relaxed));
-                    if quiet >= idle_ms {
-                        break "idle";
-                    }
-                }
-            }
-        };
-        self.forget();
-        let _ = Box::pin(self.stream.finish()).await;
-        info!(user = %self.user, public = %self.bound, reason, "udp tunnel closed");
+            };
+            self.forget();
+            let _ = Box::pin(self.stream.finish()).await;
+            info!(user = %self.user, public = %self.bound, reason, "udp tunnel closed");
+        }
     }
 }
 
