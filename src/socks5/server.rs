@@ -1012,112 +1012,118 @@ impl Relay<'_> {
     }
 }
 
-async fn associate(
-    shared: &Shared,
+/// A UDP ASSOCIATE session, until its control connection ends or `shutdown`. (An `async move`
+/// block rather than an `async fn`, which would keep its arguments twice in the session's
+/// future: rust-lang/rust#62958.)
+#[allow(clippy::manual_async_fn)]
+fn associate<'a>(
+    shared: &'a Shared,
     mut control: TcpStream,
     peer: SocketAddr,
     user: User,
     declared: Address,
     max_flows: u32,
     shutdown: CancellationToken,
-) -> Result<(), SessionError> {
-    // The UDP socket faces the client, on the address the client reached us at.
-    let local = control.local_addr()?;
-    let client_socket = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
-        Ok(s) => {
-            crate::SocketBuffers::PerAssociation.apply(&s);
-            s
-        }
-        Err(_) => return Err(Box::pin(refuse(&mut control, Reply::GeneralFailure)).await),
-    };
-    let bound = client_socket.local_addr()?;
-    // Open the relay bind before answering, so the app's first packets (STUN, usually) find it.
-    let mut bind = None;
-    if let Some(tunnel) = &shared.config.tunnel
-        && tunnel.state() == TunnelState::Connected
-    {
-        match Box::pin(tokio::time::timeout(
-            Duration::from_secs(3),
-            tunnel.open_bind(user.name(), None),
-        ))
-        .await
-        {
-            Ok(Ok(b)) => bind = Some(b),
-            Ok(Err(e)) => {
-                warn!(user = %user, error = %e, "relay bind failed; relayed traffic is dropped")
+) -> impl Future<Output = Result<(), SessionError>> + 'a {
+    async move {
+        // The UDP socket faces the client, on the address the client reached us at.
+        let local = control.local_addr()?;
+        let client_socket = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
+            Ok(s) => {
+                crate::SocketBuffers::PerAssociation.apply(&s);
+                s
             }
-            Err(_) => warn!(user = %user, "relay bind timed out; relayed traffic is dropped"),
+            Err(_) => return Err(Box::pin(refuse(&mut control, Reply::GeneralFailure)).await),
+        };
+        let bound = client_socket.local_addr()?;
+        // Open the relay bind before answering, so the app's first packets (STUN, usually) find it.
+        let mut bind = None;
+        if let Some(tunnel) = &shared.config.tunnel
+            && tunnel.state() == TunnelState::Connected
+        {
+            match Box::pin(tokio::time::timeout(
+                Duration::from_secs(3),
+                tunnel.open_bind(user.name(), None),
+            ))
+            .await
+            {
+                Ok(Ok(b)) => bind = Some(b),
+                Ok(Err(e)) => {
+                    warn!(user = %user, error = %e, "relay bind failed; relayed traffic is dropped")
+                }
+                Err(_) => warn!(user = %user, "relay bind timed out; relayed traffic is dropped"),
+            }
         }
-    }
-    Box::pin(control.write_all(&codec::encode_reply(Reply::Succeeded, bound))).await?;
-    let public = bind.as_ref().map(|b| b.public_address().to_string());
-    info!(user = %user, client = %peer, udp = %bound, declared = %declared, relay_public = public.as_deref().unwrap_or("none"), "udp association open");
+        Box::pin(control.write_all(&codec::encode_reply(Reply::Succeeded, bound))).await?;
+        let public = bind.as_ref().map(|b| b.public_address().to_string());
+        info!(user = %user, client = %peer, udp = %bound, declared = %declared, relay_public = public.as_deref().unwrap_or("none"), "udp association open");
 
-    let live = shared.registry.open(user.name(), peer, "socks5");
-    let mut relay = Relay {
-        shared,
-        user,
-        association: Association::new(peer.ip(), max_flows),
-        client_socket,
-        out_v4: None,
-        out_v6: None,
-        names: HashMap::new(),
-        max_names: usize::try_from(max_flows).unwrap_or(usize::MAX),
-        want_bind: shared.config.tunnel.is_some() && bind.is_none(),
-        public_port: bind.as_ref().map(|b| b.public_address().port()),
-        live,
-        bind,
-        opening: None,
-        last_attempt: None,
-        turn: 0,
-    };
-    relay.maybe_open_bind();
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            r = std::future::poll_fn(|cx| poll_ready(cx, &mut relay.turn, &control, &relay.client_socket, [relay.out_v4.as_ref(), relay.out_v6.as_ref()])) => match r? {
-                // RFC 1928 §7: the association ends when its TCP connection does.
-                Ready::Control => match control.try_read(&mut [0u8; 64]) {
-                    Ok(0) => break,
-                    Err(e) if e.kind() != io::ErrorKind::WouldBlock => break,
-                    _ => {}
+        let live = shared.registry.open(user.name(), peer, "socks5");
+        let mut relay = Relay {
+            shared,
+            user,
+            association: Association::new(peer.ip(), max_flows),
+            client_socket,
+            out_v4: None,
+            out_v6: None,
+            names: HashMap::new(),
+            max_names: usize::try_from(max_flows).unwrap_or(usize::MAX),
+            want_bind: shared.config.tunnel.is_some() && bind.is_none(),
+            public_port: bind.as_ref().map(|b| b.public_address().port()),
+            live,
+            bind,
+            opening: None,
+            last_attempt: None,
+            turn: 0,
+        };
+        relay.maybe_open_bind();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                r = std::future::poll_fn(|cx| poll_ready(cx, &mut relay.turn, &control, &relay.client_socket, [relay.out_v4.as_ref(), relay.out_v6.as_ref()])) => match r? {
+                    // RFC 1928 §7: the association ends when its TCP connection does.
+                    Ready::Control => match control.try_read(&mut [0u8; 64]) {
+                        Ok(0) => break,
+                        Err(e) if e.kind() != io::ErrorKind::WouldBlock => break,
+                        _ => {}
+                    },
+                    Ready::Client => {
+                        if let Some(pending) = relay.drain_client() {
+                            Box::pin(relay.resolve_and_forward(pending)).await;
+                        }
+                    }
+                    Ready::Peers { v6 } => relay.drain_peers(v6),
                 },
-                Ready::Client => {
-                    if let Some(pending) = relay.drain_client() {
-                        Box::pin(relay.resolve_and_forward(pending)).await;
-                    }
-                }
-                Ready::Peers { v6 } => relay.drain_peers(v6),
-            },
-            d = next_relayed(relay.bind.as_mut()) => match d {
-                Some(first) => relay.deliver_relayed(first),
-                None => {
-                    info!(user = %relay.user, client = %peer, "relay bind closed; relayed traffic is dropped until a new one opens");
-                    relay.bind = None;
-                    relay.want_bind = true;
-                }
-            },
-            r = opened(relay.opening.as_mut()) => {
-                relay.opening = None;
-                match r {
-                    Ok(bind) => {
-                        info!(user = %relay.user, client = %peer, public = %bind.public_address(), "relay bind open");
-                        relay.public_port = Some(bind.public_address().port());
-                        relay.bind = Some(bind);
-                    }
-                    Err(e) => {
-                        warn!(user = %relay.user, client = %peer, error = %e, "relay bind failed; relayed traffic is dropped");
+                d = next_relayed(relay.bind.as_mut()) => match d {
+                    Some(first) => relay.deliver_relayed(first),
+                    None => {
+                        info!(user = %relay.user, client = %peer, "relay bind closed; relayed traffic is dropped until a new one opens");
+                        relay.bind = None;
                         relay.want_bind = true;
                     }
+                },
+                r = opened(relay.opening.as_mut()) => {
+                    relay.opening = None;
+                    match r {
+                        Ok(bind) => {
+                            info!(user = %relay.user, client = %peer, public = %bind.public_address(), "relay bind open");
+                            relay.public_port = Some(bind.public_address().port());
+                            relay.bind = Some(bind);
+                        }
+                        Err(e) => {
+                            warn!(user = %relay.user, client = %peer, error = %e, "relay bind failed; relayed traffic is dropped");
+                            relay.want_bind = true;
+                        }
+                    }
                 }
             }
+            relay.maybe_open_bind();
         }
-        relay.maybe_open_bind();
+        if let Some(handle) = relay.opening.take() {
+            handle.abort();
+        }
+        info!(user = %relay.user, client = %peer, flows = relay.association.flow_count(), "udp association closed");
+        Ok(())
     }
-    if let Some(handle) = relay.opening.take() {
-        handle.abort();
-    }
-    info!(user = %relay.user, client = %peer, flows = relay.association.flow_count(), "udp association closed");
-    Ok(())
 }
