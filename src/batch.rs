@@ -5,8 +5,9 @@
 //! the device, and on loopback the receiver's stack too); sent as one GSO buffer, the burst pays
 //! it once and the kernel cuts it into the same datagrams at the end. [`SendBatch`] collects
 //! datagrams while they share a destination and a size, and sends each run with one `sendmsg`
-//! carrying `UDP_SEGMENT`. Where GSO is refused (an old kernel, a device without checksum
-//! offload) it falls back to one `sendto` per datagram for good.
+//! carrying `UDP_SEGMENT`. Where GSO is refused, the run goes out one `sendto` per datagram: for
+//! that run if it was the run (a segment above the route's MTU), for good if it was the device
+//! (no checksum offload).
 
 use std::io;
 use std::net::SocketAddr;
@@ -85,14 +86,20 @@ impl SendBatch {
                     ok: n as u64,
                     failed: 0,
                 },
-                // GSO refused: the kernel dropped the whole buffer, so send it again piecewise.
-                Err(e) if gso_refused(&e) => {
-                    self.no_gso = true;
-                    self.send_each(socket)
-                }
-                Err(_) => Sent {
-                    ok: 0,
-                    failed: n as u64,
+                // Refused, the kernel dropped the whole buffer: send it again piecewise.
+                Err(e) => match GsoRefusal::of(&e) {
+                    // The route's device cannot checksum a GSO buffer: never again here.
+                    Some(GsoRefusal::Device) => {
+                        self.no_gso = true;
+                        self.send_each(socket)
+                    }
+                    // This run only (a segment above the path MTU, say): the kernel fragments
+                    // single datagrams as it always would.
+                    Some(GsoRefusal::Run) => self.send_each(socket),
+                    None => Sent {
+                        ok: 0,
+                        failed: n as u64,
+                    },
                 },
             },
             _ => self.send_each(socket),
@@ -185,10 +192,23 @@ pub(crate) fn ready<F: std::future::Future>(future: F) -> Option<F::Output> {
     }
 }
 
-/// The errors with which `udp_sendmsg` refuses a GSO send it cannot do (and drops it).
-fn gso_refused(e: &io::Error) -> bool {
-    use nix::errno::Errno;
-    matches!(e.raw_os_error(), Some(c) if c == Errno::EIO as i32 || c == Errno::EINVAL as i32)
+/// Why `udp_sendmsg` refused a GSO send (dropping it whole).
+enum GsoRefusal {
+    /// `EIO`: the device on the route cannot checksum it.
+    Device,
+    /// `EINVAL`: this buffer (a segment larger than the route's MTU, too many segments).
+    Run,
+}
+
+impl GsoRefusal {
+    fn of(e: &io::Error) -> Option<Self> {
+        use nix::errno::Errno;
+        match e.raw_os_error() {
+            Some(c) if c == Errno::EIO as i32 => Some(Self::Device),
+            Some(c) if c == Errno::EINVAL as i32 => Some(Self::Run),
+            _ => None,
+        }
+    }
 }
 
 fn one(r: io::Result<()>) -> Sent {
@@ -241,6 +261,8 @@ mod tests {
         let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
         rx.set_read_timeout(Some(Duration::from_secs(2)))
             .expect("timeout");
+        // Room for 200 small datagrams at once (each costs a whole buffer in the kernel).
+        let _ = socket2::SockRef::from(&rx).set_recv_buffer_size(1 << 20);
         let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
         (tx, rx)
     }
@@ -349,6 +371,27 @@ mod tests {
             ]
             .map(|(f, byte)| (f.expect("addr"), vec![byte; 10]))
         );
+    }
+
+    #[test]
+    fn a_run_the_kernel_refuses_goes_out_piecewise_and_gso_stays_on() {
+        // More segments than any kernel takes in one GSO send: udp_sendmsg says EINVAL.
+        let (tx, rx) = pair();
+        let mut batch = SendBatch {
+            to: rx.local_addr().ok(),
+            size: 8,
+            ..SendBatch::default()
+        };
+        for i in 0..200u64 {
+            batch.buf.extend_from_slice(&i.to_be_bytes());
+        }
+        batch.count = 200;
+        assert_eq!(batch.flush(&tx), Sent { ok: 200, failed: 0 });
+        assert!(!batch.no_gso, "one refused run does not turn GSO off");
+        let got = received(&rx, 200);
+        for (i, d) in got.iter().enumerate() {
+            assert_eq!(d.as_slice(), (i as u64).to_be_bytes());
+        }
     }
 
     #[test]
