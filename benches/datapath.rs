@@ -541,6 +541,15 @@ fn profile_stop(child: Option<Child>) {
     }
 }
 
+/// 10,000, or fewer in steps of 500 if the open-file hard limit cannot hold two descriptors
+/// for each (plus room for the sidecar's own).
+fn idle_associations_that_fit() -> usize {
+    use nix::sys::resource::{Resource, getrlimit};
+    let hard = getrlimit(Resource::RLIMIT_NOFILE).map_or(0, |(_, hard)| hard);
+    let fit = usize::try_from(hard.saturating_sub(200) / 2).unwrap_or(usize::MAX);
+    (fit / 500 * 500).min(10_000)
+}
+
 fn phase(name: &str, since: Instant) {
     eprintln!("[{:6.1} s] {name}", since.elapsed().as_secs_f64());
 }
@@ -673,14 +682,15 @@ fn main() {
         held = Some(calls);
     }
 
-    // Memory per idle association, from RSS growth of each process. The sidecar holds two
-    // descriptors per association: 8,000 fit a hard limit of 20,000 open files.
+    // Memory per idle association, from RSS growth of each process: 10,000 associations, or
+    // as many as fit the open-file hard limit (the sidecar holds two descriptors for each; a
+    // sandbox's limit of 20,000 allows 9,500).
     let n = if paths_only {
         0
     } else if quick() {
         200
     } else {
-        8_000
+        idle_associations_that_fit()
     };
     let rss_now = |pid: u32| proc_kib(pid, "VmRSS:");
     let base = pids.map(rss_now);

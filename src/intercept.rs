@@ -263,7 +263,7 @@ pub async fn run(
                     let (handle, replies, token, ports) = (
                         handle.clone(),
                         replies.clone(),
-                        shutdown.child_token(),
+                        shutdown.clone(),
                         ports.clone(),
                     );
                     tokio::spawn(async move {

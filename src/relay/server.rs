@@ -380,7 +380,9 @@ impl Relay {
                 },
             };
             let shared = self.shared.clone();
-            let token = shutdown.child_token();
+            // A clone, not a child token: nothing cancels one alone, and a child costs a tree
+            // node each (memory per idle association).
+            let token = shutdown.clone();
             tasks.spawn(async move {
                 let remote = incoming.remote_address();
                 match incoming.await {
@@ -435,7 +437,7 @@ async fn serve_connection(
             shared.clone(),
             conn.clone(),
             tunnels.clone(),
-            shutdown.child_token(),
+            shutdown.clone(),
         );
         // Set-up runs boxed and is freed when done, so a bind's long-lived task holds only its
         // datagram loop (memory per idle bind).

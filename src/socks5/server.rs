@@ -284,7 +284,9 @@ impl Server {
                 },
             };
             let shared = self.shared.clone();
-            let token = shutdown.child_token();
+            // A clone, not a child token: nothing cancels one alone, and a child costs a tree
+            // node each (memory per idle association).
+            let token = shutdown.clone();
             tasks.spawn(async move {
                 if let Err(e) = serve(&shared, stream, peer, token).await {
                     debug!(client = %peer, error = %e, "session ended");
