@@ -1,4 +1,5 @@
-//! Bursts of datagrams sent in one trip through the kernel (UDP generic segmentation offload).
+//! Bursts of datagrams sent in one trip through the kernel (UDP generic segmentation offload),
+//! and received in one system call (`recvmmsg`).
 //!
 //! A video frame leaves an app as a burst of equal-sized packets to one peer, and reaches the
 //! proxy together. Sent one `sendto` each, every packet pays the whole stack (route, netfilter,
@@ -179,6 +180,85 @@ pub(crate) fn send_bursts<T: AsRawFd>(fill: impl FnOnce(&mut Bursts<'_, T>) -> S
         }
         sent
     })
+}
+
+/// Datagrams taken per `recvmmsg`.
+const RECV_SLOTS: usize = 16;
+
+/// One runtime thread's receive space: `RECV_SLOTS` buffers of `HEADROOM` + 64 KiB (pages are
+/// only touched as far as datagrams reach), and the system call's headers.
+struct RecvSpace {
+    slots: Vec<Box<[u8]>>,
+    headers: nix::sys::socket::MultiHeaders<nix::sys::socket::SockaddrStorage>,
+}
+
+thread_local! {
+    static RECV: std::cell::RefCell<RecvSpace> = std::cell::RefCell::new(RecvSpace {
+        slots: (0..RECV_SLOTS)
+            .map(|_| vec![0u8; crate::HEADROOM + 65_536].into_boxed_slice())
+            .collect(),
+        headers: nix::sys::socket::MultiHeaders::preallocate(RECV_SLOTS, None),
+    });
+}
+
+/// Receives the datagrams waiting on `socket` (up to 16) in one `recvmmsg`, and calls
+/// `each(from, slot, len)` for each in order: the datagram is `slot[HEADROOM..HEADROOM + len]`,
+/// with `HEADROOM` free bytes before it for a header. Returns how many there were;
+/// `WouldBlock` when none (which also tells tokio the socket is drained).
+pub(crate) fn recv_burst(
+    socket: &tokio::net::UdpSocket,
+    mut each: impl FnMut(SocketAddr, &mut [u8], usize),
+) -> io::Result<usize> {
+    RECV.with_borrow_mut(|space| {
+        let got = socket.try_io(tokio::io::Interest::READABLE, || {
+            receive(space, socket.as_raw_fd())
+        })?;
+        for (slot, got) in space.slots.iter_mut().zip(&got) {
+            if let Some((from, len)) = got {
+                each(*from, slot, *len);
+            }
+        }
+        Ok(got.len())
+    })
+}
+
+/// Each slot's sender and length, in slot order (`None`: no usable datagram in that slot).
+fn receive(
+    space: &mut RecvSpace,
+    fd: std::os::fd::RawFd,
+) -> io::Result<Vec<Option<(SocketAddr, usize)>>> {
+    use nix::sys::socket::{MsgFlags, recvmmsg};
+    let mut iovs: Vec<[io::IoSliceMut<'_>; 1]> = space
+        .slots
+        .iter_mut()
+        .map(|s| {
+            [io::IoSliceMut::new(
+                s.get_mut(crate::HEADROOM..).unwrap_or_default(),
+            )]
+        })
+        .collect();
+    let results = recvmmsg(
+        fd,
+        &mut space.headers,
+        iovs.iter_mut(),
+        MsgFlags::MSG_DONTWAIT,
+        None,
+    )
+    .map_err(io::Error::from)?;
+    Ok(results
+        .map(|m| {
+            let a = m.address?;
+            let from = a
+                .as_sockaddr_in()
+                .map(|v4| SocketAddr::from((v4.ip(), v4.port())))
+                .or_else(|| {
+                    a.as_sockaddr_in6()
+                        .map(|v6| SocketAddr::from((v6.ip(), v6.port())))
+                })?;
+            // Never cut short with 64 KiB slots; a truncated datagram would be dropped here.
+            (!m.flags.contains(MsgFlags::MSG_TRUNC)).then_some((from, m.bytes))
+        })
+        .collect())
 }
 
 /// Polls `future` once: its output if it is ready now. For draining what a queue already holds
@@ -392,6 +472,52 @@ mod tests {
         for (i, d) in got.iter().enumerate() {
             assert_eq!(d.as_slice(), (i as u64).to_be_bytes());
         }
+    }
+
+    #[test]
+    fn bursts_are_received_whole_in_order_with_their_senders_then_would_block() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let rx = tokio::net::UdpSocket::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let _ = socket2::SockRef::from(&rx).set_recv_buffer_size(4 << 20);
+            let to = rx.local_addr().expect("addr");
+            let (a, b) = (
+                UdpSocket::bind("127.0.0.1:0").expect("a"),
+                UdpSocket::bind("127.0.0.1:0").expect("b"),
+            );
+            // 40 datagrams, more than one recvmmsg takes, of changing sizes, one near 64 KiB.
+            let mut sent = Vec::new();
+            for i in 0..40usize {
+                let sender = if i % 3 == 0 { &b } else { &a };
+                let len = if i == 7 { 60_000 } else { 1 + i * 37 };
+                let d = vec![i as u8; len];
+                sender.send_to(&d, to).expect("send");
+                sent.push((sender.local_addr().expect("addr"), d));
+            }
+            rx.readable().await.expect("readable");
+            let mut got = Vec::new();
+            let mut calls = 0;
+            loop {
+                let r = recv_burst(&rx, |from, slot, n| {
+                    got.push((from, slot[crate::HEADROOM..crate::HEADROOM + n].to_vec()));
+                });
+                match r {
+                    Ok(n) => assert!((1..=RECV_SLOTS).contains(&n), "{n}"),
+                    Err(e) => {
+                        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+                        break;
+                    }
+                }
+                calls += 1;
+            }
+            assert_eq!(got, sent);
+            assert!(calls <= 4, "{calls} recvmmsg calls for 40 datagrams");
+        });
     }
 
     #[test]

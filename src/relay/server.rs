@@ -968,7 +968,7 @@ impl OpenUdp {
                         if r.is_err() {
                             break "socket error";
                         }
-                        if crate::with_buffer(|buf| to_client(shared, &self.conn, tunnel, self.quarter, buf)).is_err() {
+                        if to_client(shared, &self.conn, tunnel, self.quarter).is_err() {
                             break "connection lost";
                         }
                     }
@@ -1008,62 +1008,78 @@ fn handle_capsules(shared: &Shared, tunnel: &Tunnel, buf: &mut Vec<u8>) -> Resul
     Ok(replies)
 }
 
-/// Drains the bind's socket into datagrams to the client. Err if the connection is gone.
+/// Drains the bind's socket into datagrams to the client, a burst per `recvmmsg`. Err if the
+/// connection is gone.
 fn to_client(
     shared: &Shared,
     conn: &quinn::Connection,
     tunnel: &Tunnel,
     quarter: u64,
-    buf: &mut [u8],
+) -> Result<(), ()> {
+    for _ in 0..4 {
+        let mut lost = false;
+        let received = crate::batch::recv_burst(&tunnel.socket, |from, slot, n| {
+            let payload = slot.get(HEADROOM..HEADROOM + n).unwrap_or_default();
+            lost = lost || one_to_client(shared, conn, tunnel, quarter, from, payload).is_err();
+        });
+        if lost {
+            return Err(());
+        }
+        if received.is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// One datagram from a peer: checked, charged, and sent to the client.
+fn one_to_client(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    tunnel: &Tunnel,
+    quarter: u64,
+    from: SocketAddr,
+    payload: &[u8],
 ) -> Result<(), ()> {
     let c = &shared.counters;
-    for _ in 0..64 {
-        let Some(space) = buf.get_mut(HEADROOM..) else {
-            return Ok(());
-        };
-        let (n, from) = match tunnel.socket.try_recv_from(space) {
-            Ok(r) => r,
-            Err(_) => return Ok(()),
-        };
-        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
-        let (context, compressed) = match &tunnel.mode {
-            Mode::Fixed => (0, true),
-            Mode::Bind(contexts) => {
-                if shared.config.inbound_filter == InboundFilter::AddressDependent
-                    && !tunnel
-                        .permitted
-                        .lock()
-                        .is_ok_and(|p| p.contains(&from.ip()))
-                {
-                    bump(&c.dropped_inbound_filter);
-                    continue;
-                }
-                match contexts.lock().ok().and_then(|t| t.to_client(from)) {
-                    Some(found) => found,
-                    None => {
-                        bump(&c.dropped_unknown);
-                        continue;
-                    }
+    let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+    let (context, compressed) = match &tunnel.mode {
+        Mode::Fixed => (0, true),
+        Mode::Bind(contexts) => {
+            if shared.config.inbound_filter == InboundFilter::AddressDependent
+                && !tunnel
+                    .permitted
+                    .lock()
+                    .is_ok_and(|p| p.contains(&from.ip()))
+            {
+                bump(&c.dropped_inbound_filter);
+                return Ok(());
+            }
+            match contexts.lock().ok().and_then(|t| t.to_client(from)) {
+                Some(found) => found,
+                None => {
+                    bump(&c.dropped_unknown);
+                    return Ok(());
                 }
             }
-        };
-        if !shared.charge(&tunnel.user, n) {
-            bump(&c.dropped_quota);
-            continue;
         }
-        tunnel.active.store(shared.millis(), Ordering::Relaxed);
-        let mut datagram = Vec::with_capacity(HEADROOM + n);
-        wire::write_http_datagram_prefix(&mut datagram, quarter, context);
-        if !compressed {
-            wire::write_uncompressed_address(&mut datagram, from);
-        }
-        datagram.extend_from_slice(buf.get(HEADROOM..HEADROOM + n).unwrap_or_default());
-        match conn.send_datagram(Bytes::from(datagram)) {
-            Ok(()) => bump(&c.datagrams_in),
-            Err(quinn::SendDatagramError::TooLarge) => bump(&c.dropped_too_large),
-            Err(quinn::SendDatagramError::ConnectionLost(_)) => return Err(()),
-            Err(_) => bump(&c.dropped_unknown),
-        }
+    };
+    if !shared.charge(&tunnel.user, payload.len()) {
+        bump(&c.dropped_quota);
+        return Ok(());
+    }
+    tunnel.active.store(shared.millis(), Ordering::Relaxed);
+    let mut datagram = Vec::with_capacity(HEADROOM + payload.len());
+    wire::write_http_datagram_prefix(&mut datagram, quarter, context);
+    if !compressed {
+        wire::write_uncompressed_address(&mut datagram, from);
+    }
+    datagram.extend_from_slice(payload);
+    match conn.send_datagram(Bytes::from(datagram)) {
+        Ok(()) => bump(&c.datagrams_in),
+        Err(quinn::SendDatagramError::TooLarge) => bump(&c.dropped_too_large),
+        Err(quinn::SendDatagramError::ConnectionLost(_)) => return Err(()),
+        Err(_) => bump(&c.dropped_unknown),
     }
     Ok(())
 }

@@ -652,7 +652,8 @@ struct Relay<'a> {
     shared: &'a Shared,
     user: User,
     association: Association,
-    client_socket: UdpSocket,
+    /// Shared with [`Relay::drain_client`]'s receive while it hands datagrams to `self`.
+    client_socket: Arc<UdpSocket>,
     out_v4: Option<UdpSocket>,
     out_v6: Option<UdpSocket>,
     /// Domain targets resolved once for the life of the association.
@@ -760,21 +761,23 @@ fn poll_ready(
 }
 
 impl Relay<'_> {
-    /// Handles datagrams waiting on the client socket. Returns one that needs a name resolved.
-    fn drain_client(&mut self) -> Option<Unresolved> {
-        crate::with_buffer(|buf| {
-            for _ in 0..BATCH {
-                let (n, from) = match self.client_socket.try_recv_from(buf) {
-                    Ok(received) => received,
-                    Err(_) => return None,
-                };
-                let datagram = buf.get(..n).unwrap_or_default();
-                if let Some(pending) = self.client_datagram(from, datagram) {
-                    return Some(pending);
-                }
+    /// Handles datagrams waiting on the client socket, a burst per `recvmmsg`. Returns those
+    /// that need a name resolved first.
+    fn drain_client(&mut self) -> Vec<Unresolved> {
+        let socket = self.client_socket.clone();
+        let mut pending = Vec::new();
+        for _ in 0..BATCH / 16 {
+            let received = crate::batch::recv_burst(&socket, |from, slot, n| {
+                let datagram = slot
+                    .get(crate::HEADROOM..crate::HEADROOM + n)
+                    .unwrap_or_default();
+                pending.extend(self.client_datagram(from, datagram));
+            });
+            if received.is_err() {
+                break;
             }
-            None
-        })
+        }
+        pending
     }
 
     fn client_datagram(&mut self, from: SocketAddr, datagram: &[u8]) -> Option<Unresolved> {
@@ -1065,7 +1068,7 @@ fn associate<'a>(
             shared,
             user,
             association: Association::new(peer.ip(), max_flows),
-            client_socket,
+            client_socket: Arc::new(client_socket),
             out_v4: None,
             out_v6: None,
             names: HashMap::new(),
@@ -1091,7 +1094,7 @@ fn associate<'a>(
                         _ => {}
                     },
                     Ready::Client => {
-                        if let Some(pending) = relay.drain_client() {
+                        for pending in relay.drain_client() {
                             Box::pin(relay.resolve_and_forward(pending)).await;
                         }
                     }
