@@ -660,29 +660,9 @@ fn main() {
         }
     };
 
-    // Simulated calls, growing N until one fails the call criteria.
-    let mut held = None;
-    let mut results = Vec::new();
     let paths_only = std::env::var_os("BENCH_PATHS_ONLY").is_some();
-    let steps: &[usize] = if paths_only {
-        &[]
-    } else if quick() {
-        &[20]
-    } else {
-        &[100, 250, 375, 500, 750, 1000, 1500, 2000]
-    };
-    for &calls in steps {
-        let r = scale::run(veil.socks, calls, if quick() { 1.0 } else { 4.0 });
-        phase(&format!("{calls} calls"), t0);
-        let ok = r.holds();
-        results.push(r);
-        if !ok {
-            break;
-        }
-        held = Some(calls);
-    }
-
-    // Memory per idle association, from RSS growth of each process: 10,000 associations, or
+    // Memory per idle association, from RSS growth of each process, before the calls: memory
+    // the calls freed would be reused and understate the growth. 10,000 associations, or
     // as many as fit the open-file hard limit (the sidecar holds two descriptors for each; a
     // sandbox's limit of 20,000 allows 9,500).
     let n = if paths_only {
@@ -707,7 +687,32 @@ fn main() {
         |i: usize| rss_now(pids[i]).saturating_sub(base[i]) as f64 * 1024.0 / n.max(1) as f64;
     let (sidecar_bytes, relay_bytes) = (grown(0), grown(1));
     drop(idle);
+    // Let the daemons tear them down before the calls start.
+    if n > 0 {
+        std::thread::sleep(Duration::from_secs(2));
+    }
     phase("idle associations", t0);
+
+    // Simulated calls, growing N until one fails the call criteria.
+    let mut held = None;
+    let mut results = Vec::new();
+    let steps: &[usize] = if paths_only {
+        &[]
+    } else if quick() {
+        &[20]
+    } else {
+        &[100, 250, 375, 500, 750, 1000, 1500, 2000]
+    };
+    for &calls in steps {
+        let r = scale::run(veil.socks, calls, if quick() { 1.0 } else { 4.0 });
+        phase(&format!("{calls} calls"), t0);
+        let ok = r.holds();
+        results.push(r);
+        if !ok {
+            break;
+        }
+        held = Some(calls);
+    }
 
     let (d_rtt, q_rtt) = (rows[0].1, rows[1].1);
     println!(
