@@ -748,7 +748,7 @@ fn poll_ready(
         let (ready, which) = match (*turn + i) % 4 {
             0 => (control.poll_read_ready(cx), Ready::Control),
             1 => (client.poll_recv_ready(cx), Ready::Client),
-            n => match out[n - 2] {
+            n => match out.get(n - 2).copied().flatten() {
                 Some(s) => (s.poll_recv_ready(cx), Ready::Peers { v6: n == 3 }),
                 None => continue,
             },
