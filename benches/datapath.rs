@@ -351,6 +351,50 @@ struct Veil {
     _dir: tempfile::TempDir,
 }
 
+/// Writes `pki/NAME.toml` for a relay on 127.0.0.1 with quotas no benchmark reaches (and
+/// `extra` lines), starts it (inside `ns` if given), and returns it with its address.
+fn start_relay(ns: Option<&str>, pki: &Path, name: &str, extra: &str) -> (Daemon, SocketAddr) {
+    let config = pki.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ncertificate = \"relay.crt\"\nprivate_key = \"relay.key\"\nclient_ca = \"ca.crt\"\n{extra}\
+             [quotas]\nbinds_per_user = 20000\nbinds_total = 20000\npackets_per_second_per_user = 4000000\nbytes_per_second_per_user = 4000000000\n"
+        ),
+    )
+    .expect("relay config");
+    let config = config.display().to_string();
+    spawn(ns, &["relay", "--config", &config], "relay ready")
+}
+
+/// Writes a relay-everything policy in `dir/NAME-policies` and `pki/NAME.toml` for a sidecar
+/// whose tunnel goes to `relay` (plus `extra` lines), starts it (inside `ns` if given), and
+/// returns it with its SOCKS5 address.
+fn start_sidecar(
+    ns: Option<&str>,
+    pki: &Path,
+    dir: &Path,
+    name: &str,
+    relay: SocketAddr,
+    extra: &str,
+) -> (Daemon, SocketAddr) {
+    let policy = dir.join(format!("{name}-policies"));
+    std::fs::create_dir_all(&policy).expect("policy dir");
+    std::fs::write(policy.join("default.toml"), "fallback = \"relay\"\n[limits]\nmax_associations = 20000\nmax_packets_per_second = 4000000\n").expect("policy");
+    let config = pki.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\npolicy_dir = \"{}\"\ncontrol = \"{}\"\n[relay]\naddress = \"{relay}\"\nserver_name = \"localhost\"\nca = \"ca.crt\"\ncertificate = \"bench.crt\"\nprivate_key = \"bench.key\"\n{extra}",
+            policy.display(),
+            dir.join(format!("{name}-control")).display()
+        ),
+    )
+    .expect("sidecar config");
+    let config = config.display().to_string();
+    spawn(ns, &["sidecar", "--config", &config], "sidecar ready")
+}
+
 fn start_veil(dir: &Path) -> Veil {
     let out = Command::new(env!("CARGO_BIN_EXE_veil"))
         .arg("pki")
@@ -360,42 +404,8 @@ fn start_veil(dir: &Path) -> Veil {
         .expect("veil pki");
     assert!(out.status.success());
     let pki = dir.join("pki");
-    std::fs::write(
-        pki.join("relay.toml"),
-        "listen = \"127.0.0.1:0\"\ncertificate = \"relay.crt\"\nprivate_key = \"relay.key\"\nclient_ca = \"ca.crt\"\nallow = [\"127.0.0.2/32\"]\n\
-         [quotas]\nbinds_per_user = 20000\nbinds_total = 20000\npackets_per_second_per_user = 4000000\nbytes_per_second_per_user = 4000000000\n",
-    )
-    .expect("relay config");
-    let (relay, relay_addr) = spawn(
-        None,
-        &[
-            "relay",
-            "--config",
-            &pki.join("relay.toml").display().to_string(),
-        ],
-        "relay ready",
-    );
-    let policy = dir.join("policies");
-    std::fs::create_dir_all(&policy).expect("policy dir");
-    std::fs::write(policy.join("default.toml"), "fallback = \"relay\"\n[limits]\nmax_associations = 20000\nmax_packets_per_second = 4000000\n").expect("policy");
-    std::fs::write(
-        pki.join("sidecar.toml"),
-        format!(
-            "listen = \"127.0.0.1:0\"\npolicy_dir = \"{}\"\ncontrol = \"{}\"\n[relay]\naddress = \"{relay_addr}\"\nserver_name = \"localhost\"\nca = \"ca.crt\"\ncertificate = \"bench.crt\"\nprivate_key = \"bench.key\"\n",
-            policy.display(),
-            dir.join("control").display()
-        ),
-    )
-    .expect("sidecar config");
-    let (sidecar, socks) = spawn(
-        None,
-        &[
-            "sidecar",
-            "--config",
-            &pki.join("sidecar.toml").display().to_string(),
-        ],
-        "sidecar ready",
-    );
+    let (relay, relay_addr) = start_relay(None, &pki, "relay", "allow = [\"127.0.0.2/32\"]\n");
+    let (sidecar, socks) = start_sidecar(None, &pki, dir, "sidecar", relay_addr, "");
     std::thread::sleep(Duration::from_millis(500));
     Veil {
         relay,

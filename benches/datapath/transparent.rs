@@ -12,7 +12,7 @@
 //! that route as this row's floor.
 
 use super::netns::{Topology, in_netns};
-use super::{Daemon, Direct, Echo, Path2, bench_socket, spawn};
+use super::{Daemon, Direct, Echo, Path2, bench_socket, start_relay, start_sidecar};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,45 +41,10 @@ pub(crate) fn start(pki: &Path, dir: &Path) -> Result<Transparent, String> {
     let (c, e) = (topology.ns("c"), topology.ns("e"));
     let echo = in_netns(Some(&e), || Echo::start(ECHO_BIND));
 
-    std::fs::write(
-        pki.join("relay-t.toml"),
-        format!(
-            "listen = \"127.0.0.1:0\"\npublic_address = \"{CLIENT_IP}\"\ncertificate = \"relay.crt\"\nprivate_key = \"relay.key\"\nclient_ca = \"ca.crt\"\nallow = [\"203.0.113.0/24\"]\n\
-             [quotas]\nbinds_per_user = 20000\nbinds_total = 20000\npackets_per_second_per_user = 4000000\nbytes_per_second_per_user = 4000000000\n"
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let (relay, relay_addr) = spawn(
-        Some(&c),
-        &[
-            "relay",
-            "--config",
-            &pki.join("relay-t.toml").display().to_string(),
-        ],
-        "relay ready",
-    );
-    let policy = dir.join("policies-t");
-    std::fs::create_dir_all(&policy).map_err(|e| e.to_string())?;
-    std::fs::write(policy.join("default.toml"), "fallback = \"relay\"\n[limits]\nmax_associations = 20000\nmax_packets_per_second = 4000000\n").map_err(|e| e.to_string())?;
-    std::fs::write(
-        pki.join("sidecar-t.toml"),
-        format!(
-            "listen = \"127.0.0.1:0\"\npolicy_dir = \"{}\"\ncontrol = \"{}\"\n[relay]\naddress = \"{relay_addr}\"\nserver_name = \"localhost\"\nca = \"ca.crt\"\ncertificate = \"bench.crt\"\nprivate_key = \"bench.key\"\n\
-             [transparent]\nusers = [\"nobody\"]\n",
-            policy.display(),
-            dir.join("control-t").display()
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let (sidecar, _) = spawn(
-        Some(&c),
-        &[
-            "sidecar",
-            "--config",
-            &pki.join("sidecar-t.toml").display().to_string(),
-        ],
-        "sidecar ready",
-    );
+    let allow = format!("public_address = \"{CLIENT_IP}\"\nallow = [\"203.0.113.0/24\"]\n");
+    let (relay, relay_addr) = start_relay(Some(&c), pki, "relay-t", &allow);
+    let managed = "[transparent]\nusers = [\"nobody\"]\n";
+    let (sidecar, _) = start_sidecar(Some(&c), pki, dir, "sidecar-t", relay_addr, managed);
     let t = Transparent {
         sidecar,
         relay,
