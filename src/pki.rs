@@ -188,9 +188,10 @@ pub fn relay_endpoint_config(private_key_der: &[u8]) -> quinn::EndpointConfig {
 /// large for the path at the moment is dropped and counted by the caller.
 pub fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    // The connection outlives a network outage of up to 30 s (its binds, and so the public
-    // addresses calls depend on, survive it); a relay that restarts is noticed at once by
-    // stateless reset. Keep-alives are a few bytes a second.
+    // Keep-alives (a few bytes a second) mean a working path delivers something every second,
+    // which the sidecar's silence check relies on (`tunnel::Silence`). The relay drops a
+    // connection, and its binds, after 30 s of silence; a relay that restarts is noticed at
+    // once by stateless reset.
     t.keep_alive_interval(Some(Duration::from_secs(1)));
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(30)) {
         t.max_idle_timeout(Some(idle));

@@ -91,7 +91,11 @@ impl Daemon {
     /// Spawns `cmd` with its stderr captured; waits for the `listen=` line of its ready message.
     pub fn spawn(mut cmd: Command) -> Self {
         let mut child = cmd
-            .env("VEIL_LOG", "debug,quinn=info,h3=info,rustls=info")
+            .env(
+                "VEIL_LOG",
+                std::env::var("VEIL_TEST_LOG")
+                    .unwrap_or_else(|_| "debug,quinn=info,h3=info,rustls=info".to_owned()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
