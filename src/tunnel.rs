@@ -94,7 +94,7 @@ const INBOUND_QUEUE: usize = 1024;
 #[derive(Debug)]
 struct BindState {
     inner: Mutex<BindInner>,
-    /// Capsules are waiting in `capsules`.
+    /// Capsules are waiting in `capsules`, or the [`Bind`] was dropped.
     capsules_ready: Notify,
 }
 
@@ -106,6 +106,8 @@ struct BindInner {
     owner: Option<Waker>,
     /// The request stream has ended: nothing more will arrive.
     closed: bool,
+    /// The [`Bind`] was dropped: its driver ends the request.
+    dropped: bool,
     /// Encoded capsules for the relay.
     capsules: Vec<u8>,
 }
@@ -415,6 +417,7 @@ impl Tunnel {
                 inbound: VecDeque::new(),
                 owner: None,
                 closed: false,
+                dropped: false,
                 capsules: Vec::new(),
             }),
             capsules_ready: Notify::new(),
@@ -422,12 +425,10 @@ impl Tunnel {
         if let Ok(mut binds) = live.binds.lock() {
             binds.insert(quarter, state.clone());
         }
-        let closed = CancellationToken::new();
         tokio::spawn(drive_bind_stream(
             stream,
             pending,
             state.clone(),
-            closed.clone(),
             live.binds.clone(),
             quarter,
         ));
@@ -437,7 +438,6 @@ impl Tunnel {
             quarter,
             state,
             public,
-            closed,
         })
     }
 
@@ -611,16 +611,17 @@ fn drive_bind_stream(
     mut stream: ClientStream,
     mut buf: Vec<u8>,
     state: Arc<BindState>,
-    closed: CancellationToken,
     binds: Arc<Mutex<HashMap<u64, Inbound>>>,
     quarter: u64,
 ) -> impl Future<Output = ()> {
     async move {
         loop {
             tokio::select! {
-                _ = closed.cancelled() => break,
                 _ = state.capsules_ready.notified() => {
-                    let out = state.inner.lock().map(|mut i| std::mem::take(&mut i.capsules)).unwrap_or_default();
+                    let Ok((out, dropped)) = state.inner.lock().map(|mut i| (std::mem::take(&mut i.capsules), i.dropped)) else { break };
+                    if dropped {
+                        break;
+                    }
                     if !out.is_empty() && Box::pin(stream.send_data(Bytes::from(out))).await.is_err() {
                         break;
                     }
@@ -656,7 +657,6 @@ fn drive_bind_stream(
         if let Ok(mut b) = binds.lock() {
             b.remove(&quarter);
         }
-        closed.cancel();
         state.close();
         let _ = Box::pin(stream.finish()).await;
     }
@@ -670,7 +670,6 @@ pub struct Bind {
     quarter: u64,
     state: Arc<BindState>,
     public: SocketAddr,
-    closed: CancellationToken,
 }
 
 impl Bind {
@@ -682,11 +681,11 @@ impl Bind {
     /// Sends `payload` to `peer` through the relay.
     pub fn send(&mut self, peer: SocketAddr, payload: &[u8]) -> Result<(), SendError> {
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-        if self.closed.is_cancelled() {
-            return Err(SendError::Closed);
-        }
         let out = {
             let mut inner = self.state.inner.lock().map_err(|_| SendError::Closed)?;
+            if inner.closed {
+                return Err(SendError::Closed);
+            }
             let out = inner.contexts.outbound(peer).ok_or(SendError::Closed)?;
             if let Some(assign) = &out.assign {
                 assign.encode(&mut inner.capsules);
@@ -722,7 +721,7 @@ impl Bind {
         if let Some(found) = next_inbound(&mut inner) {
             return Poll::Ready(Some(found));
         }
-        if inner.closed || self.closed.is_cancelled() {
+        if inner.closed {
             return Poll::Ready(None);
         }
         if !inner
@@ -783,7 +782,11 @@ pub fn burst(
 
 impl Drop for Bind {
     fn drop(&mut self) {
-        self.closed.cancel();
+        if let Ok(mut inner) = self.state.inner.lock() {
+            inner.dropped = true;
+        }
+        // A permit is kept if the driver is not waiting right now: it sees `dropped` next.
+        self.state.capsules_ready.notify_one();
     }
 }
 

@@ -11,7 +11,8 @@ use support::{
     Daemon, Pki, Sidecar, UdpEcho, client_script, pysocks_udp, python, spawn_relay, veil,
 };
 
-fn masque(relay: SocketAddr, pki: &Pki, with_cert: bool, args: &[&str]) -> Vec<String> {
+/// The aioquic MASQUE client, pointed at `relay`, with the sidecar's certificate or none.
+fn masque_client(relay: SocketAddr, pki: &Pki, with_cert: bool) -> Command {
     let mut cmd = Command::new(python());
     cmd.arg(client_script("masque_client.py"))
         .arg(relay.ip().to_string())
@@ -24,7 +25,14 @@ fn masque(relay: SocketAddr, pki: &Pki, with_cert: bool, args: &[&str]) -> Vec<S
             .arg("--key")
             .arg(pki.path("sidecar.key"));
     }
-    let out = cmd.args(args).output().expect("run aioquic client");
+    cmd
+}
+
+fn masque(relay: SocketAddr, pki: &Pki, with_cert: bool, args: &[&str]) -> Vec<String> {
+    let out = masque_client(relay, pki, with_cert)
+        .args(args)
+        .output()
+        .expect("run aioquic client");
     assert!(
         out.status.success(),
         "aioquic client failed: {}",
@@ -245,6 +253,57 @@ fn bind_quota_is_enforced_with_429() {
     );
 }
 
+/// A bind that carries nothing for the idle timeout (120 s, the least allowed) is ended by the
+/// relay's sweep, and not long before: the connection itself is kept up by keep-alives.
+#[test]
+fn an_idle_bind_is_ended_after_the_idle_timeout() {
+    let pki = Pki::generate("localhost");
+    let relay = relay_with(
+        &pki,
+        "allow = [\"127.0.0.0/8\"]\n[quotas]\nidle_timeout_seconds = 120\n",
+    );
+    let echo = UdpEcho::spawn("127.0.0.2:0");
+    let started = std::time::Instant::now();
+    let mut client = Lingering(
+        masque_client(relay.addr, &pki, true)
+            .args(["--linger", "150", "bind", &echo.addr.to_string()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("run aioquic client"),
+    );
+    assert!(
+        relay
+            .wait_log(&["udp tunnel open"], Duration::from_secs(20))
+            .is_some()
+    );
+    let closed = relay.wait_log(&["udp tunnel closed"], Duration::from_secs(150));
+    let after = started.elapsed();
+    assert!(
+        closed
+            .as_deref()
+            .is_some_and(|l| l.contains("reason=\"idle\"")),
+        "{closed:?}\n{}",
+        relay.log().join("\n")
+    );
+    // Swept every 5 s: ended between 120 and about 126 s after its last datagram.
+    assert!(
+        after >= Duration::from_secs(118) && after <= Duration::from_secs(140),
+        "ended after {after:?}"
+    );
+    // Still lingering (its connection kept up by the relay's keep-alives) until now.
+    assert!(client.0.try_wait().expect("client").is_none());
+}
+
+/// A client process killed when the test ends, however it ends.
+struct Lingering(std::process::Child);
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn malformed_config_stops_startup() {
     let pki = Pki::generate("localhost");
@@ -274,16 +333,7 @@ fn a_bind_admits_only_peers_its_client_has_sent_to() {
     let pki = Pki::generate("localhost");
     let relay = relay_with(&pki, "allow = [\"127.0.0.0/8\"]\n");
     let echo = UdpEcho::spawn("127.0.0.2:0");
-    let mut child = Command::new(python())
-        .arg(client_script("masque_client.py"))
-        .arg(relay.addr.ip().to_string())
-        .arg(relay.addr.port().to_string())
-        .args(["--name", "localhost", "--ca"])
-        .arg(pki.path("ca.crt"))
-        .arg("--cert")
-        .arg(pki.path("sidecar.crt"))
-        .arg("--key")
-        .arg(pki.path("sidecar.key"))
+    let mut child = masque_client(relay.addr, &pki, true)
         .args(["--linger", "1.5", "bind", &echo.addr.to_string()])
         .stdout(std::process::Stdio::piped())
         .spawn()

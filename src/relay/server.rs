@@ -18,7 +18,7 @@ use http::{Method, Response, StatusCode};
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -218,6 +218,11 @@ struct Tunnel {
     permitted: Mutex<HashSet<IpAddr>>,
     /// When the request last carried a datagram, in ms since the relay started.
     active: AtomicU64,
+    /// Ends the request: cancelled when a newer bind of the same user takes its port over,
+    /// or when the connection's sweep finds it idle (`idle` set first).
+    release: CancellationToken,
+    /// Ended for being idle.
+    idle: AtomicBool,
 }
 
 type Tunnels = Arc<Mutex<HashMap<u64, Arc<Tunnel>>>>;
@@ -421,9 +426,15 @@ async fn serve_connection(
         tunnels.clone(),
     ));
     let requests = TaskTracker::new();
+    // One sweep for the connection's idle requests, rather than a timer in every bind.
+    let mut sweep = tokio::time::interval(Duration::from_secs(5));
     loop {
         let resolver = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = sweep.tick() => {
+                end_idle(&shared, &tunnels);
+                continue;
+            }
             r = h3c.accept() => match r {
                 Ok(Some(r)) => r,
                 Ok(None) => break,
@@ -465,6 +476,21 @@ async fn serve_connection(
     datagrams.abort();
     info!(client = %remote, "sidecar disconnected");
     Ok(())
+}
+
+/// Ends the requests that have carried no datagram for the idle timeout.
+fn end_idle(shared: &Shared, tunnels: &Tunnels) {
+    let idle_ms = u64::try_from(shared.config.quotas.idle_timeout.as_millis()).unwrap_or(u64::MAX);
+    let now = shared.millis();
+    let Ok(tunnels) = tunnels.lock() else {
+        return;
+    };
+    for tunnel in tunnels.values() {
+        if now.saturating_sub(tunnel.active.load(Ordering::Relaxed)) >= idle_ms {
+            tunnel.idle.store(true, Ordering::Relaxed);
+            tunnel.release.cancel();
+        }
+    }
 }
 
 /// Datagrams from the client, sent on from their binds' sockets. What quinn has already
@@ -850,19 +876,20 @@ async fn open_udp(
         mode,
         permitted: Mutex::new(HashSet::new()),
         active: AtomicU64::new(shared.millis()),
+        release: CancellationToken::new(),
+        idle: AtomicBool::new(false),
     });
     if let Ok(mut t) = tunnels.lock() {
         t.insert(quarter, tunnel.clone());
     }
     let hairpin_port = fixed.is_none().then_some(bound.port());
     let id = shared.next_bind.fetch_add(1, Ordering::Relaxed);
-    let release = CancellationToken::new();
     if let (Some(port), Ok(mut ports)) = (hairpin_port, shared.bind_ports.lock()) {
         let holder = PortHolder {
             user: user.clone(),
             bind: id,
             conn: conn.stable_id(),
-            release: release.clone(),
+            release: tunnel.release.clone(),
         };
         ports.insert(port, holder);
     }
@@ -880,7 +907,6 @@ async fn open_udp(
         fixed,
         hairpin_port,
         id,
-        release,
     };
     if open.stream.send_response(resp).await.is_err() {
         open.forget();
@@ -909,8 +935,6 @@ struct OpenUdp {
     /// The public port other binds may send to (hairpin), if this is a bind.
     hairpin_port: Option<u16>,
     id: u64,
-    /// Cancelled when a newer bind of the same user takes the port over.
-    release: CancellationToken,
 }
 
 impl OpenUdp {
@@ -935,14 +959,14 @@ impl OpenUdp {
         async move {
             let (shared, tunnel) = (&self.shared, &self.tunnel);
             let mut capsules = Vec::new();
-            let idle = shared.config.quotas.idle_timeout;
-            let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-            // Checked now and then rather than a timer re-armed for every packet.
-            let mut idle_check = tokio::time::interval(Duration::from_secs(5));
             let reason = loop {
                 tokio::select! {
                     _ = self.shutdown.cancelled() => break "shutdown",
-                    _ = self.release.cancelled() => break "port taken over by a newer bind of the same user",
+                    _ = tunnel.release.cancelled() => break if tunnel.idle.load(Ordering::Relaxed) {
+                        "idle"
+                    } else {
+                        "port taken over by a newer bind of the same user"
+                    },
                     data = self.stream.recv_data() => match data {
                         Ok(Some(data)) => {
                             capsules.put(data);
@@ -970,12 +994,6 @@ impl OpenUdp {
                         }
                         if to_client(shared, &self.conn, tunnel, self.quarter).is_err() {
                             break "connection lost";
-                        }
-                    }
-                    _ = idle_check.tick() => {
-                        let quiet = shared.millis().saturating_sub(tunnel.active.load(Ordering::Relaxed));
-                        if quiet >= idle_ms {
-                            break "idle";
                         }
                     }
                 }

@@ -288,7 +288,19 @@ impl Server {
             // node each (memory per idle association).
             let token = shutdown.clone();
             tasks.spawn(async move {
-                if let Err(e) = serve(&shared, stream, peer, token).await {
+                // Set-up runs boxed and is freed when done: a UDP association's long-lived
+                // task holds only its loop's state (memory per idle association).
+                // `session` is moved into the loop's future before it is awaited, so the task
+                // holds one copy of it, not two.
+                let run = match Box::pin(serve(&shared, stream, peer, token)).await {
+                    Ok(Some(session)) => session.run(),
+                    Ok(None) => return,
+                    Err(e) => {
+                        debug!(client = %peer, error = %e, "session ended");
+                        return;
+                    }
+                };
+                if let Err(e) = run.await {
                     debug!(client = %peer, error = %e, "session ended");
                 }
                 drop(permit);
@@ -473,16 +485,18 @@ pub(crate) fn take_session_slot<'a>(
     })
 }
 
-async fn serve(
-    shared: &Shared,
+/// A session's set-up: handshake, login and request. A CONNECT runs to its end here; a UDP
+/// ASSOCIATE that was answered is returned, to run without the set-up's state.
+async fn serve<'a>(
+    shared: &'a Shared,
     mut stream: TcpStream,
     peer: SocketAddr,
     shutdown: CancellationToken,
-) -> Result<(), SessionError> {
+) -> Result<Option<UdpSession<'a>>, SessionError> {
     let _ = stream.set_nodelay(true);
     let handshake = handshake(shared, &mut stream, peer);
     let (user, request) = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(()),
+        _ = shutdown.cancelled() => return Ok(None),
         r = Box::pin(tokio::time::timeout(shared.config.handshake_timeout, handshake)) => {
             r.map_err(|_| SessionError::Timeout)??
         }
@@ -503,19 +517,21 @@ async fn serve(
                 request.address,
                 shutdown,
             ))
-            .await
+            .await?;
+            Ok(None)
         }
         Command::UdpAssociate => {
-            associate(
+            let session = associate(
                 shared,
                 stream,
                 peer,
                 user,
-                request.address,
+                &request.address,
                 limits.max_flows_per_association,
-                shutdown,
+                (_slot, shutdown),
             )
-            .await
+            .await?;
+            Ok(Some(session))
         }
         Command::Bind => Err(Box::pin(refuse(&mut stream, Reply::CommandNotSupported)).await),
     }
@@ -1017,118 +1033,147 @@ impl Relay<'_> {
     }
 }
 
-/// A UDP ASSOCIATE session, until its control connection ends or `shutdown`. (An `async move`
-/// block rather than an `async fn`, which would keep its arguments twice in the session's
-/// future: rust-lang/rust#62958.)
-#[allow(clippy::manual_async_fn)]
-fn associate<'a>(
+/// A UDP ASSOCIATE's set-up: its client-facing socket, its relay bind, the reply.
+async fn associate<'a>(
     shared: &'a Shared,
     mut control: TcpStream,
     peer: SocketAddr,
     user: User,
-    declared: Address,
+    declared: &Address,
     max_flows: u32,
-    shutdown: CancellationToken,
-) -> impl Future<Output = Result<(), SessionError>> + 'a {
-    async move {
-        // The UDP socket faces the client, on the address the client reached us at.
-        let local = control.local_addr()?;
-        let client_socket = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
-            Ok(s) => {
-                crate::SocketBuffers::PerAssociation.apply(&s);
-                s
-            }
-            Err(_) => return Err(Box::pin(refuse(&mut control, Reply::GeneralFailure)).await),
-        };
-        let bound = client_socket.local_addr()?;
-        // Open the relay bind before answering, so the app's first packets (STUN, usually) find it.
-        let mut bind = None;
-        if let Some(tunnel) = &shared.config.tunnel
-            && tunnel.state() == TunnelState::Connected
-        {
-            match Box::pin(tokio::time::timeout(
-                Duration::from_secs(3),
-                tunnel.open_bind(user.name(), None),
-            ))
-            .await
-            {
-                Ok(Ok(b)) => bind = Some(b),
-                Ok(Err(e)) => {
-                    warn!(user = %user, error = %e, "relay bind failed; relayed traffic is dropped")
-                }
-                Err(_) => warn!(user = %user, "relay bind timed out; relayed traffic is dropped"),
-            }
+    (slot, shutdown): (SessionSlot<'a>, CancellationToken),
+) -> Result<UdpSession<'a>, SessionError> {
+    // The UDP socket faces the client, on the address the client reached us at.
+    let local = control.local_addr()?;
+    let client_socket = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
+        Ok(s) => {
+            crate::SocketBuffers::PerAssociation.apply(&s);
+            s
         }
-        Box::pin(control.write_all(&codec::encode_reply(Reply::Succeeded, bound))).await?;
+        Err(_) => return Err(Box::pin(refuse(&mut control, Reply::GeneralFailure)).await),
+    };
+    let bound = client_socket.local_addr()?;
+    // Open the relay bind before answering, so the app's first packets (STUN, usually) find it.
+    let mut bind = None;
+    if let Some(tunnel) = &shared.config.tunnel
+        && tunnel.state() == TunnelState::Connected
+    {
+        match Box::pin(tokio::time::timeout(
+            Duration::from_secs(3),
+            tunnel.open_bind(user.name(), None),
+        ))
+        .await
+        {
+            Ok(Ok(b)) => bind = Some(b),
+            Ok(Err(e)) => {
+                warn!(user = %user, error = %e, "relay bind failed; relayed traffic is dropped")
+            }
+            Err(_) => warn!(user = %user, "relay bind timed out; relayed traffic is dropped"),
+        }
+    }
+    Box::pin(control.write_all(&codec::encode_reply(Reply::Succeeded, bound))).await?;
+    {
         let public = bind.as_ref().map(|b| b.public_address().to_string());
         info!(user = %user, client = %peer, udp = %bound, declared = %declared, relay_public = public.as_deref().unwrap_or("none"), "udp association open");
+    }
 
-        let live = shared.registry.open(user.name(), peer, "socks5");
-        let mut relay = Relay {
-            shared,
-            user,
-            association: Association::new(peer.ip(), max_flows),
-            client_socket: Arc::new(client_socket),
-            out_v4: None,
-            out_v6: None,
-            names: HashMap::new(),
-            max_names: usize::try_from(max_flows).unwrap_or(usize::MAX),
-            want_bind: shared.config.tunnel.is_some() && bind.is_none(),
-            public_port: bind.as_ref().map(|b| b.public_address().port()),
-            live,
-            bind,
-            opening: None,
-            last_attempt: None,
-            turn: 0,
-        };
-        relay.maybe_open_bind();
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                r = std::future::poll_fn(|cx| poll_ready(cx, &mut relay.turn, &control, &relay.client_socket, [relay.out_v4.as_ref(), relay.out_v6.as_ref()])) => match r? {
-                    // RFC 1928 §7: the association ends when its TCP connection does.
-                    Ready::Control => match control.try_read(&mut [0u8; 64]) {
-                        Ok(0) => break,
-                        Err(e) if e.kind() != io::ErrorKind::WouldBlock => break,
-                        _ => {}
+    let live = shared.registry.open(user.name(), peer, "socks5");
+    let relay = Relay {
+        shared,
+        user,
+        association: Association::new(peer.ip(), max_flows),
+        client_socket: Arc::new(client_socket),
+        out_v4: None,
+        out_v6: None,
+        names: HashMap::new(),
+        max_names: usize::try_from(max_flows).unwrap_or(usize::MAX),
+        want_bind: shared.config.tunnel.is_some() && bind.is_none(),
+        public_port: bind.as_ref().map(|b| b.public_address().port()),
+        live,
+        bind,
+        opening: None,
+        last_attempt: None,
+        turn: 0,
+    };
+    Ok(UdpSession {
+        control,
+        peer,
+        relay,
+        shutdown,
+        slot,
+    })
+}
+
+/// An answered UDP ASSOCIATE: what its loop needs, and nothing of its set-up.
+struct UdpSession<'a> {
+    control: TcpStream,
+    peer: SocketAddr,
+    relay: Relay<'a>,
+    shutdown: CancellationToken,
+    /// The session's place in its user's count (and its packet-rate bucket): held until the
+    /// loop ends.
+    slot: SessionSlot<'a>,
+}
+
+impl<'a> UdpSession<'a> {
+    /// Runs the association until its control connection ends or `shutdown`. (An `async
+    /// move` block rather than an `async fn`, which would keep `self` twice in the session's
+    /// future: rust-lang/rust#62958.)
+    #[allow(clippy::manual_async_fn)]
+    fn run(mut self) -> impl Future<Output = Result<(), SessionError>> + 'a {
+        async move {
+            self.relay.maybe_open_bind();
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = self.shutdown.cancelled() => break,
+                    r = std::future::poll_fn(|cx| poll_ready(cx, &mut self.relay.turn, &self.control, &self.relay.client_socket, [self.relay.out_v4.as_ref(), self.relay.out_v6.as_ref()])) => match r? {
+                        // RFC 1928 §7: the association ends when its TCP connection does.
+                        Ready::Control => match self.control.try_read(&mut [0u8; 64]) {
+                            Ok(0) => break,
+                            Err(e) if e.kind() != io::ErrorKind::WouldBlock => break,
+                            _ => {}
+                        },
+                        Ready::Client => {
+                            for pending in self.relay.drain_client() {
+                                Box::pin(self.relay.resolve_and_forward(pending)).await;
+                            }
+                        }
+                        Ready::Peers { v6 } => self.relay.drain_peers(v6),
                     },
-                    Ready::Client => {
-                        for pending in relay.drain_client() {
-                            Box::pin(relay.resolve_and_forward(pending)).await;
+                    d = next_relayed(self.relay.bind.as_mut()) => match d {
+                        Some(first) => self.relay.deliver_relayed(first),
+                        None => {
+                            info!(user = %self.relay.user, client = %self.peer, "relay bind closed; relayed traffic is dropped until a new one opens");
+                            self.relay.bind = None;
+                            self.relay.want_bind = true;
                         }
-                    }
-                    Ready::Peers { v6 } => relay.drain_peers(v6),
-                },
-                d = next_relayed(relay.bind.as_mut()) => match d {
-                    Some(first) => relay.deliver_relayed(first),
-                    None => {
-                        info!(user = %relay.user, client = %peer, "relay bind closed; relayed traffic is dropped until a new one opens");
-                        relay.bind = None;
-                        relay.want_bind = true;
-                    }
-                },
-                r = opened(relay.opening.as_mut()) => {
-                    relay.opening = None;
-                    match r {
-                        Ok(bind) => {
-                            info!(user = %relay.user, client = %peer, public = %bind.public_address(), "relay bind open");
-                            relay.public_port = Some(bind.public_address().port());
-                            relay.bind = Some(bind);
-                        }
-                        Err(e) => {
-                            warn!(user = %relay.user, client = %peer, error = %e, "relay bind failed; relayed traffic is dropped");
-                            relay.want_bind = true;
+                    },
+                    r = opened(self.relay.opening.as_mut()) => {
+                        self.relay.opening = None;
+                        match r {
+                            Ok(bind) => {
+                                info!(user = %self.relay.user, client = %self.peer, public = %bind.public_address(), "relay bind open");
+                                self.relay.public_port = Some(bind.public_address().port());
+                                self.relay.bind = Some(bind);
+                            }
+                            Err(e) => {
+                                warn!(user = %self.relay.user, client = %self.peer, error = %e, "relay bind failed; relayed traffic is dropped");
+                                self.relay.want_bind = true;
+                            }
                         }
                     }
                 }
+                self.relay.maybe_open_bind();
             }
-            relay.maybe_open_bind();
+            if let Some(handle) = self.relay.opening.take() {
+                handle.abort();
+            }
+            info!(user = %self.relay.user, client = %self.peer, flows = self.relay.association.flow_count(), "udp association closed");
+            // Named so the loop's future owns it: an `async move` block captures only the
+            // fields of `self` it uses.
+            drop(self.slot);
+            Ok(())
         }
-        if let Some(handle) = relay.opening.take() {
-            handle.abort();
-        }
-        info!(user = %relay.user, client = %peer, flows = relay.association.flow_count(), "udp association closed");
-        Ok(())
     }
 }
