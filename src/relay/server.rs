@@ -18,11 +18,12 @@ use http::{Method, Response, StatusCode};
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -115,8 +116,8 @@ struct PortHolder {
     bind: u64,
     /// The QUIC connection it came on (`stable_id`).
     conn: usize,
-    /// Ends that bind.
-    release: CancellationToken,
+    /// That bind's request, to end it.
+    tunnel: Arc<Tunnel>,
 }
 
 impl Shared {
@@ -218,16 +219,35 @@ struct Tunnel {
     permitted: Mutex<HashSet<IpAddr>>,
     /// When the request last carried a datagram, in ms since the relay started.
     active: AtomicU64,
-    /// Ends the request: cancelled when a newer bind of the same user takes its port over,
-    /// or when the connection's sweep finds it idle (`idle` set first).
-    release: CancellationToken,
-    /// Ended for being idle.
-    idle: AtomicBool,
+    /// Wakes the request's task to end it, for the reason in `ended` (see [`Tunnel::end`]).
+    end: Notify,
+    ended: AtomicU8,
 }
 
 type Tunnels = Arc<Mutex<HashMap<u64, Arc<Tunnel>>>>;
 
+/// Why a request is ended from outside its task (`Tunnel::ended`).
+const ENDED_TAKEN_OVER: u8 = 1;
+const ENDED_IDLE: u8 = 2;
+const ENDED_SHUTDOWN: u8 = 3;
+
 impl Tunnel {
+    /// Ends the request for `why` (one of the `ENDED_*`). A notification rather than a
+    /// cancellation token per bind, and one for the relay's shutdown too: the bind's task waits
+    /// on one future, not two (memory per idle bind).
+    fn end(&self, why: u8) {
+        self.ended.store(why, Ordering::Relaxed);
+        self.end.notify_one();
+    }
+
+    fn end_reason(&self) -> &'static str {
+        match self.ended.load(Ordering::Relaxed) {
+            ENDED_TAKEN_OVER => "port taken over by a newer bind of the same user",
+            ENDED_IDLE => "idle",
+            _ => "shutdown",
+        }
+    }
+
     /// A datagram from the client: checked and charged. Returns where its UDP payload goes
     /// (`None`: the connected target) and the payload, if it may go.
     fn admit_from_client<'a>(
@@ -471,6 +491,13 @@ async fn serve_connection(
             serve.await;
         });
     }
+    if shutdown.is_cancelled()
+        && let Ok(tunnels) = tunnels.lock()
+    {
+        for tunnel in tunnels.values() {
+            tunnel.end(ENDED_SHUTDOWN);
+        }
+    }
     requests.close();
     let _ = tokio::time::timeout(Duration::from_secs(1), requests.wait()).await;
     datagrams.abort();
@@ -487,8 +514,7 @@ fn end_idle(shared: &Shared, tunnels: &Tunnels) {
     };
     for tunnel in tunnels.values() {
         if now.saturating_sub(tunnel.active.load(Ordering::Relaxed)) >= idle_ms {
-            tunnel.idle.store(true, Ordering::Relaxed);
-            tunnel.release.cancel();
+            tunnel.end(ENDED_IDLE);
         }
     }
 }
@@ -775,7 +801,7 @@ async fn bind_preferred(
         let holder = ports
             .get(&addr.port())
             .filter(|h| h.user == user && h.conn != conn)?;
-        holder.release.cancel();
+        holder.tunnel.end(ENDED_TAKEN_OVER);
         Some(())
     });
     if released.is_none() {
@@ -876,8 +902,8 @@ async fn open_udp(
         mode,
         permitted: Mutex::new(HashSet::new()),
         active: AtomicU64::new(shared.millis()),
-        release: CancellationToken::new(),
-        idle: AtomicBool::new(false),
+        end: Notify::new(),
+        ended: AtomicU8::new(0),
     });
     if let Ok(mut t) = tunnels.lock() {
         t.insert(quarter, tunnel.clone());
@@ -889,7 +915,7 @@ async fn open_udp(
             user: user.clone(),
             bind: id,
             conn: conn.stable_id(),
-            release: tunnel.release.clone(),
+            tunnel: tunnel.clone(),
         };
         ports.insert(port, holder);
     }
@@ -959,14 +985,13 @@ impl OpenUdp {
         async move {
             let (shared, tunnel) = (&self.shared, &self.tunnel);
             let mut capsules = Vec::new();
+            // Set up after the connection's shutdown pass (which ends every bind it knows)?
             let reason = loop {
+                if self.shutdown.is_cancelled() {
+                    break "shutdown";
+                }
                 tokio::select! {
-                    _ = self.shutdown.cancelled() => break "shutdown",
-                    _ = tunnel.release.cancelled() => break if tunnel.idle.load(Ordering::Relaxed) {
-                        "idle"
-                    } else {
-                        "port taken over by a newer bind of the same user"
-                    },
+                    _ = tunnel.end.notified() => break tunnel.end_reason(),
                     data = self.stream.recv_data() => match data {
                         Ok(Some(data)) => {
                             capsules.put(data);
