@@ -5,6 +5,7 @@
 //! per packet.
 
 use crate::policy::{Decision, Verdict};
+use crate::tunnel::TunnelFigures;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -154,10 +155,23 @@ pub fn report(
 }
 
 /// The same figures in Prometheus text format (version 0.0.4).
-pub fn prometheus(tunnel_up: bool, sessions: &[SessionView], counters: &[(String, u64)]) -> String {
+pub fn prometheus(
+    tunnel_up: bool,
+    tunnel: &TunnelFigures,
+    sessions: &[SessionView],
+    counters: &[(String, u64)],
+) -> String {
     let mut out = String::new();
     out.push_str("# HELP veil_tunnel_up 1 if the tunnel to the relay is connected.\n# TYPE veil_tunnel_up gauge\n");
     let _ = writeln!(out, "veil_tunnel_up {}", u8::from(tunnel_up));
+    out.push_str("# HELP veil_tunnel_connections_total Tunnel connections established.\n# TYPE veil_tunnel_connections_total counter\n");
+    let _ = writeln!(out, "veil_tunnel_connections_total {}", tunnel.connects);
+    out.push_str("# HELP veil_tunnel_replaced_total Tunnel connections replaced after the relay fell silent.\n# TYPE veil_tunnel_replaced_total counter\n");
+    let _ = writeln!(out, "veil_tunnel_replaced_total {}", tunnel.replaced);
+    if let Some(rtt) = tunnel.rtt {
+        out.push_str("# HELP veil_tunnel_rtt_seconds Smoothed round trip of the tunnel connection.\n# TYPE veil_tunnel_rtt_seconds gauge\n");
+        let _ = writeln!(out, "veil_tunnel_rtt_seconds {:.6}", rtt.as_secs_f64());
+    }
     out.push_str("# HELP veil_dropped_total Datagrams dropped, by reason.\n# TYPE veil_dropped_total counter\n");
     for (name, value) in counters {
         if let Some(reason) = name.strip_prefix("dropped_") {
@@ -236,8 +250,15 @@ mod tests {
             text.contains("    203.0.113.2:7000 block default.toml rule[1]\n"),
             "{text}"
         );
+        let tunnel = TunnelFigures {
+            connects: 3,
+            replaced: 1,
+            rtt: Some(std::time::Duration::from_micros(1500)),
+            ..TunnelFigures::default()
+        };
         let metrics = prometheus(
             true,
+            &tunnel,
             &snap,
             &[("dropped_blocked".into(), 2), ("relayed_out".into(), 5)],
         );
@@ -253,6 +274,13 @@ mod tests {
             metrics.contains("veil_sessions{user=\"alice\"} 1\n"),
             "{metrics}"
         );
+        for line in [
+            "veil_tunnel_connections_total 3\n",
+            "veil_tunnel_replaced_total 1\n",
+            "veil_tunnel_rtt_seconds 0.001500\n",
+        ] {
+            assert!(metrics.contains(line), "{metrics}");
+        }
         drop(live);
         assert!(registry.snapshot().is_empty());
     }

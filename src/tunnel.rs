@@ -164,6 +164,21 @@ pub struct TunnelCounters {
     pub replaced: AtomicU64,
 }
 
+/// What `veil status` and the metrics show of the tunnel.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TunnelFigures {
+    /// Connections established since start.
+    pub connects: u64,
+    /// Of those, how many replaced one the relay had gone silent on.
+    pub replaced: u64,
+    /// The current connection's smoothed round trip, if connected.
+    pub rtt: Option<Duration>,
+    /// Packets sent on the current connection, and of those declared lost.
+    pub sent_packets: u64,
+    /// See `sent_packets`.
+    pub lost_packets: u64,
+}
+
 /// The shared tunnel to the relay.
 #[derive(Clone)]
 pub struct Tunnel {
@@ -226,6 +241,18 @@ impl Tunnel {
     /// The tunnel's counters.
     pub fn counters(&self) -> &TunnelCounters {
         &self.counters
+    }
+
+    /// Counters and the current connection's path figures.
+    pub fn figures(&self) -> TunnelFigures {
+        let path = self.live.load_full().map(|live| live.conn.stats().path);
+        TunnelFigures {
+            connects: self.counters.connects.load(Ordering::Relaxed),
+            replaced: self.counters.replaced.load(Ordering::Relaxed),
+            rtt: path.map(|p| p.rtt),
+            sent_packets: path.map_or(0, |p| p.sent_packets),
+            lost_packets: path.map_or(0, |p| p.lost_packets),
+        }
     }
 
     async fn manage(

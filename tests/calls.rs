@@ -521,6 +521,14 @@ fn faults_during_a_call() {
                         slowest.is_some_and(|s| s < 3.0),
                         "{scenario}: media must flow again within 3 s of the link's return both ways, not {slowest:?}\n{a:?}\n{b:?}"
                     );
+                    // And `veil status` says why.
+                    let status = alice.as_ref().expect("alice").status();
+                    let replaced = status
+                        .split(" replaced after the relay fell silent")
+                        .next()
+                        .and_then(|head| head.rsplit(' ').next())
+                        .and_then(|n| n.parse::<u64>().ok());
+                    assert!(replaced.is_some_and(|n| n >= 1), "{status}");
                 }
             }
             "stricter policy reloaded (bob's relay address blocked)" => {

@@ -186,7 +186,21 @@ impl Handle {
 
     fn tunnel_state(&self) -> String {
         match &self.shared.config.tunnel {
-            Some(t) => t.state().as_str().to_owned(),
+            Some(t) => {
+                let f = t.figures();
+                let rtt = f
+                    .rtt
+                    .map(|r| format!("rtt {:.1} ms, ", r.as_secs_f64() * 1e3))
+                    .unwrap_or_default();
+                format!(
+                    "{} ({rtt}{} of {} packets lost on this connection; {} connections, {} replaced after the relay fell silent)",
+                    t.state().as_str(),
+                    f.lost_packets,
+                    f.sent_packets,
+                    f.connects,
+                    f.replaced
+                )
+            }
             None => "none (no relay configured: relayed traffic is dropped)".to_owned(),
         }
     }
@@ -203,14 +217,11 @@ impl Handle {
 
     /// The counters in Prometheus text format.
     pub fn prometheus(&self) -> String {
-        let up = self
-            .shared
-            .config
-            .tunnel
-            .as_ref()
-            .is_some_and(|t| t.state() == TunnelState::Connected);
+        let tunnel = self.shared.config.tunnel.as_ref();
+        let up = tunnel.is_some_and(|t| t.state() == TunnelState::Connected);
         crate::status::prometheus(
             up,
+            &tunnel.map(Tunnel::figures).unwrap_or_default(),
             &self.shared.registry.snapshot(),
             &self.counters().snapshot(),
         )
