@@ -183,13 +183,23 @@ pub(crate) fn send_bursts<T: AsRawFd>(fill: impl FnOnce(&mut Bursts<'_, T>) -> S
 }
 
 /// Datagrams taken per `recvmmsg`.
-const RECV_SLOTS: usize = 16;
+pub(crate) const RECV_SLOTS: usize = 16;
+
+type Headers = nix::sys::socket::MultiHeaders<nix::sys::socket::SockaddrStorage>;
+type Received<'a> = nix::sys::socket::RecvMsg<'a, 'a, nix::sys::socket::SockaddrStorage>;
 
 /// One runtime thread's receive space: `RECV_SLOTS` buffers of `HEADROOM` + 64 KiB (pages are
-/// only touched as far as datagrams reach), and the system call's headers.
+/// only touched as far as datagrams reach), and the system call's headers: without control
+/// messages, and with room for an original destination; one of each per address family.
+///
+/// Per family because nix (0.29) does not reset each header's address and control lengths
+/// before a call, and the kernel shrinks them to what it wrote: headers last used for IPv4 would
+/// cut an IPv6 sender's address (and original destination) short.
 struct RecvSpace {
     slots: Vec<Box<[u8]>>,
-    headers: nix::sys::socket::MultiHeaders<nix::sys::socket::SockaddrStorage>,
+    /// IPv4, IPv6.
+    headers: [Headers; 2],
+    with_destination: [Headers; 2],
 }
 
 thread_local! {
@@ -197,24 +207,31 @@ thread_local! {
         slots: (0..RECV_SLOTS)
             .map(|_| vec![0u8; crate::HEADROOM + 65_536].into_boxed_slice())
             .collect(),
-        headers: nix::sys::socket::MultiHeaders::preallocate(RECV_SLOTS, None),
+        headers: [(); 2].map(|()| Headers::preallocate(RECV_SLOTS, None)),
+        with_destination: [(); 2].map(|()| {
+            Headers::preallocate(RECV_SLOTS, Some(nix::cmsg_space!(nix::libc::sockaddr_in6)))
+        }),
     });
 }
 
 /// Receives the datagrams waiting on `socket` (up to 16) in one `recvmmsg`, and calls
 /// `each(from, slot, len)` for each in order: the datagram is `slot[HEADROOM..HEADROOM + len]`,
-/// with `HEADROOM` free bytes before it for a header. Returns how many there were;
-/// `WouldBlock` when none (which also tells tokio the socket is drained).
+/// with `HEADROOM` free bytes before it for a header. `v6`: the socket is IPv6 (see
+/// `RecvSpace`). Returns how many there were; `WouldBlock` when none (which also tells tokio the
+/// socket is drained).
 pub(crate) fn recv_burst(
     socket: &tokio::net::UdpSocket,
+    v6: bool,
     mut each: impl FnMut(SocketAddr, &mut [u8], usize),
 ) -> io::Result<usize> {
     RECV.with_borrow_mut(|space| {
+        let RecvSpace { slots, headers, .. } = space;
+        let headers = &mut headers[usize::from(v6)];
         let got = socket.try_io(tokio::io::Interest::READABLE, || {
-            receive(space, socket.as_raw_fd())
+            receive(slots, headers, socket.as_raw_fd(), |_| Some(()))
         })?;
-        for (slot, got) in space.slots.iter_mut().zip(&got) {
-            if let Some((from, len)) = got {
+        for (slot, got) in slots.iter_mut().zip(&got) {
+            if let Some((from, (), len)) = got {
                 each(*from, slot, *len);
             }
         }
@@ -222,14 +239,67 @@ pub(crate) fn recv_burst(
     })
 }
 
-/// Each slot's sender and length, in slot order (`None`: no usable datagram in that slot).
-fn receive(
-    space: &mut RecvSpace,
+/// [`recv_burst`] for a socket with `IP_RECVORIGDSTADDR` / `IPV6_RECVORIGDSTADDR` (the
+/// transparent listener): `each(from, original destination, slot, len)`. A datagram without
+/// its original destination is skipped.
+pub(crate) fn recv_burst_with_destination(
+    socket: &tokio::net::UdpSocket,
+    v6: bool,
+    mut each: impl FnMut(SocketAddr, SocketAddr, &mut [u8], usize),
+) -> io::Result<usize> {
+    RECV.with_borrow_mut(|space| {
+        let RecvSpace {
+            slots,
+            with_destination,
+            ..
+        } = space;
+        let with_destination = &mut with_destination[usize::from(v6)];
+        let got = socket.try_io(tokio::io::Interest::READABLE, || {
+            receive(
+                slots,
+                with_destination,
+                socket.as_raw_fd(),
+                original_destination,
+            )
+        })?;
+        for (slot, got) in slots.iter_mut().zip(&got) {
+            if let Some((from, original, len)) = got {
+                each(*from, *original, slot, *len);
+            }
+        }
+        Ok(got.len())
+    })
+}
+
+/// The original destination a transparent socket reports for a datagram.
+fn original_destination(m: &Received<'_>) -> Option<SocketAddr> {
+    use nix::sys::socket::ControlMessageOwned;
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+    m.cmsgs().ok()?.find_map(|c| match c {
+        ControlMessageOwned::Ipv4OrigDstAddr(sin) => Some(SocketAddr::V4(SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+            u16::from_be(sin.sin_port),
+        ))),
+        ControlMessageOwned::Ipv6OrigDstAddr(sin6) => Some(SocketAddr::V6(SocketAddrV6::new(
+            Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+            u16::from_be(sin6.sin6_port),
+            0,
+            0,
+        ))),
+        _ => None,
+    })
+}
+
+/// Each slot's sender, what `extra` makes of its message, and its length, in slot order
+/// (`None`: no usable datagram in that slot).
+fn receive<T>(
+    slots: &mut [Box<[u8]>],
+    headers: &mut Headers,
     fd: std::os::fd::RawFd,
-) -> io::Result<Vec<Option<(SocketAddr, usize)>>> {
+    extra: impl Fn(&Received<'_>) -> Option<T>,
+) -> io::Result<Vec<Option<(SocketAddr, T, usize)>>> {
     use nix::sys::socket::{MsgFlags, recvmmsg};
-    let mut iovs: Vec<[io::IoSliceMut<'_>; 1]> = space
-        .slots
+    let mut iovs: Vec<[io::IoSliceMut<'_>; 1]> = slots
         .iter_mut()
         .map(|s| {
             [io::IoSliceMut::new(
@@ -237,14 +307,8 @@ fn receive(
             )]
         })
         .collect();
-    let results = recvmmsg(
-        fd,
-        &mut space.headers,
-        iovs.iter_mut(),
-        MsgFlags::MSG_DONTWAIT,
-        None,
-    )
-    .map_err(io::Error::from)?;
+    let results = recvmmsg(fd, headers, iovs.iter_mut(), MsgFlags::MSG_DONTWAIT, None)
+        .map_err(io::Error::from)?;
     Ok(results
         .map(|m| {
             let a = m.address?;
@@ -256,7 +320,10 @@ fn receive(
                         .map(|v6| SocketAddr::from((v6.ip(), v6.port())))
                 })?;
             // Never cut short with 64 KiB slots; a truncated datagram would be dropped here.
-            (!m.flags.contains(MsgFlags::MSG_TRUNC)).then_some((from, m.bytes))
+            if m.flags.contains(MsgFlags::MSG_TRUNC) {
+                return None;
+            }
+            Some((from, extra(&m)?, m.bytes))
         })
         .collect())
 }
@@ -503,7 +570,7 @@ mod tests {
             let mut got = Vec::new();
             let mut calls = 0;
             loop {
-                let r = recv_burst(&rx, |from, slot, n| {
+                let r = recv_burst(&rx, false, |from, slot, n| {
                     got.push((from, slot[crate::HEADROOM..crate::HEADROOM + n].to_vec()));
                 });
                 match r {
@@ -517,6 +584,60 @@ mod tests {
             }
             assert_eq!(got, sent);
             assert!(calls <= 4, "{calls} recvmmsg calls for 40 datagrams");
+        });
+    }
+
+    #[test]
+    fn recvmmsg_reports_each_datagrams_original_destination() {
+        use nix::sys::socket::{setsockopt, sockopt};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            // Families in turn on one thread: each keeps its own headers.
+            for (any, v6) in [
+                ("127.0.0.1:0", false),
+                ("[::1]:0", true),
+                ("127.0.0.1:0", false),
+                ("[::1]:0", true),
+            ] {
+                let Ok(rx) = tokio::net::UdpSocket::bind(any).await else {
+                    assert!(v6, "no IPv4 loopback");
+                    continue; // a host without IPv6 loopback
+                };
+                if v6 {
+                    setsockopt(&rx, sockopt::Ipv6OrigDstAddr, &true).expect("sockopt");
+                } else {
+                    setsockopt(&rx, sockopt::Ipv4OrigDstAddr, &true).expect("sockopt");
+                }
+                let to = rx.local_addr().expect("addr");
+                let tx = UdpSocket::bind(any).expect("tx");
+                for i in 0..20u8 {
+                    tx.send_to(&[i; 100], to).expect("send");
+                }
+                rx.readable().await.expect("readable");
+                let mut got = Vec::new();
+                while let Ok(n) = recv_burst_with_destination(&rx, v6, |from, original, slot, n| {
+                    got.push((
+                        from,
+                        original,
+                        slot[crate::HEADROOM..crate::HEADROOM + n].to_vec(),
+                    ));
+                }) {
+                    assert!((1..=RECV_SLOTS).contains(&n), "{n}");
+                }
+                let want: Vec<_> = (0..20u8)
+                    .map(|i| (tx.local_addr().expect("addr"), to, vec![i; 100]))
+                    .collect();
+                assert_eq!(got, want);
+                // The plain receive too keeps a whole sender address in either family.
+                tx.send_to(&[7; 10], to).expect("send");
+                rx.readable().await.expect("readable");
+                let mut from = Vec::new();
+                while recv_burst(&rx, v6, |f, _, _| from.push(f)).is_ok() {}
+                assert_eq!(from, [tx.local_addr().expect("addr")]);
+            }
         });
     }
 

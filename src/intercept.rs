@@ -14,17 +14,13 @@ use crate::socks5::association::{Association, DropReason};
 use crate::socks5::server::{Handle, Shared, log_decision, send_now, take_session_slot};
 use crate::tunnel::{Bind, SendError, TunnelState};
 use bytes::Bytes;
-use nix::sys::socket::{
-    ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, setsockopt, sockopt,
-};
+use nix::sys::socket::{setsockopt, sockopt};
 use std::collections::HashMap;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::AsRawFd;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -74,53 +70,6 @@ fn listener(addr: SocketAddr) -> Result<UdpSocket, Error> {
     s.bind(&addr.into()).map_err(fail)?;
     crate::SocketBuffers::Shared.apply(&s);
     UdpSocket::from_std(s.into()).map_err(fail)
-}
-
-/// One received datagram: who sent it, where it was going, how long it is.
-fn receive(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<(SocketAddr, SocketAddr, usize)> {
-    socket.try_io(Interest::READABLE, || {
-        let fd = socket.as_raw_fd();
-        let mut iov = [io::IoSliceMut::new(buf)];
-        let mut cmsg = nix::cmsg_space!(nix::libc::sockaddr_in6);
-        let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())
-            .map_err(io::Error::from)?;
-        let source = msg
-            .address
-            .and_then(|a| {
-                a.as_sockaddr_in()
-                    .map(|v4| SocketAddr::from((v4.ip(), v4.port())))
-                    .or_else(|| {
-                        a.as_sockaddr_in6()
-                            .map(|v6| SocketAddr::from((v6.ip(), v6.port())))
-                    })
-            })
-            .ok_or_else(|| io::Error::other("datagram without a source address"))?;
-        let mut original = None;
-        for c in msg.cmsgs().map_err(io::Error::from)? {
-            match c {
-                ControlMessageOwned::Ipv4OrigDstAddr(sin) => {
-                    let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                    original = Some(SocketAddr::V4(SocketAddrV4::new(
-                        ip,
-                        u16::from_be(sin.sin_port),
-                    )));
-                }
-                ControlMessageOwned::Ipv6OrigDstAddr(sin6) => {
-                    let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-                    original = Some(SocketAddr::V6(SocketAddrV6::new(
-                        ip,
-                        u16::from_be(sin6.sin6_port),
-                        0,
-                        0,
-                    )));
-                }
-                _ => {}
-            }
-        }
-        let original = original
-            .ok_or_else(|| io::Error::other("datagram without its original destination"))?;
-        Ok((source, original, msg.bytes))
-    })
 }
 
 /// Transparent sockets bound to peers' addresses, to answer apps as their peers.
@@ -232,49 +181,61 @@ pub async fn run(
     info!(port, "transparent interception ready");
     let replies = Arc::new(ReplySockets::default());
     let mut apps: HashMap<SocketAddr, mpsc::Sender<(SocketAddr, Bytes)>> = HashMap::new();
-    let mut buf = vec![0u8; 65_536];
     let mut sweep = tokio::time::interval(Duration::from_secs(10));
     loop {
         let socket = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = v4.readable() => r.map(|()| &v4),
-            r = async { match &v6 { Some(s) => s.readable().await.map(|()| s), None => std::future::pending().await } } => r,
+            r = v4.readable() => r.map(|()| (&v4, false)),
+            r = async { match &v6 { Some(s) => s.readable().await.map(|()| (s, true)), None => std::future::pending().await } } => r,
             _ = sweep.tick() => {
                 apps.retain(|_, tx| !tx.is_closed());
                 continue;
             }
         };
-        let Ok(socket) = socket else { continue };
-        for _ in 0..64 {
-            let (source, original, n) = match receive(socket, &mut buf) {
-                Ok(r) => r,
+        let Ok((socket, is_v6)) = socket else {
+            continue;
+        };
+        // Up to 64 datagrams, 16 per `recvmmsg`, before the other listener gets a turn.
+        for _ in 0..4 {
+            let received = crate::batch::recv_burst_with_destination(
+                socket,
+                is_v6,
+                |source, original, slot, n| {
+                    let source = SocketAddr::new(source.ip().to_canonical(), source.port());
+                    let payload = Bytes::copy_from_slice(
+                        slot.get(crate::HEADROOM..crate::HEADROOM + n)
+                            .unwrap_or_default(),
+                    );
+                    let tx = match apps.get(&source).filter(|tx| !tx.is_closed()) {
+                        Some(tx) => tx.clone(),
+                        None => {
+                            let (tx, rx) = mpsc::channel(APP_QUEUE);
+                            let (handle, replies, token, ports) = (
+                                handle.clone(),
+                                replies.clone(),
+                                shutdown.clone(),
+                                ports.clone(),
+                            );
+                            tokio::spawn(async move {
+                                app(handle, source, original, rx, replies, ports, token).await
+                            });
+                            apps.insert(source, tx.clone());
+                            tx
+                        }
+                    };
+                    if tx.try_send((original, payload)).is_err() {
+                        handle.shared.counters.drop(DropReason::SendFailed);
+                    }
+                },
+            );
+            match received {
+                Ok(n) if n == crate::batch::RECV_SLOTS => {}
+                Ok(_) => break,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     debug!(error = %e, "transparent receive failed");
                     break;
                 }
-            };
-            let source = SocketAddr::new(source.ip().to_canonical(), source.port());
-            let payload = Bytes::copy_from_slice(buf.get(..n).unwrap_or_default());
-            let tx = match apps.get(&source).filter(|tx| !tx.is_closed()) {
-                Some(tx) => tx.clone(),
-                None => {
-                    let (tx, rx) = mpsc::channel(APP_QUEUE);
-                    let (handle, replies, token, ports) = (
-                        handle.clone(),
-                        replies.clone(),
-                        shutdown.clone(),
-                        ports.clone(),
-                    );
-                    tokio::spawn(async move {
-                        app(handle, source, original, rx, replies, ports, token).await
-                    });
-                    apps.insert(source, tx.clone());
-                    tx
-                }
-            };
-            if tx.try_send((original, payload)).is_err() {
-                handle.shared.counters.drop(DropReason::SendFailed);
             }
         }
     }

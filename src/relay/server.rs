@@ -222,6 +222,8 @@ struct Tunnel {
     /// Wakes the request's task to end it, for the reason in `ended` (see [`Tunnel::end`]).
     end: Notify,
     ended: AtomicU8,
+    /// The socket is IPv6.
+    v6: bool,
 }
 
 type Tunnels = Arc<Mutex<HashMap<u64, Arc<Tunnel>>>>;
@@ -904,6 +906,7 @@ async fn open_udp(
         active: AtomicU64::new(shared.millis()),
         end: Notify::new(),
         ended: AtomicU8::new(0),
+        v6: bound.is_ipv6(),
     });
     if let Ok(mut t) = tunnels.lock() {
         t.insert(quarter, tunnel.clone());
@@ -1061,7 +1064,7 @@ fn to_client(
 ) -> Result<(), ()> {
     for _ in 0..4 {
         let mut lost = false;
-        let received = crate::batch::recv_burst(&tunnel.socket, |from, slot, n| {
+        let received = crate::batch::recv_burst(&tunnel.socket, tunnel.v6, |from, slot, n| {
             let payload = slot.get(HEADROOM..HEADROOM + n).unwrap_or_default();
             lost = lost || one_to_client(shared, conn, tunnel, quarter, from, payload).is_err();
         });

@@ -695,6 +695,8 @@ struct Relay<'a> {
     last_attempt: Option<(Instant, u64)>,
     /// A relayed packet found no bind: open one.
     want_bind: bool,
+    /// The client-facing socket is IPv6.
+    v6: bool,
     /// The public port of the last bind, asked for again when a new one opens.
     public_port: Option<u16>,
     /// This association in the status registry.
@@ -794,7 +796,7 @@ impl Relay<'_> {
         let socket = self.client_socket.clone();
         let mut pending = Vec::new();
         for _ in 0..BATCH / 16 {
-            let received = crate::batch::recv_burst(&socket, |from, slot, n| {
+            let received = crate::batch::recv_burst(&socket, self.v6, |from, slot, n| {
                 let datagram = slot
                     .get(crate::HEADROOM..crate::HEADROOM + n)
                     .unwrap_or_default();
@@ -1099,6 +1101,7 @@ async fn associate<'a>(
         names: HashMap::new(),
         max_names: usize::try_from(max_flows).unwrap_or(usize::MAX),
         want_bind: shared.config.tunnel.is_some() && bind.is_none(),
+        v6: bound.is_ipv6(),
         public_port: bind.as_ref().map(|b| b.public_address().port()),
         live,
         bind,
