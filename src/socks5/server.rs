@@ -513,7 +513,7 @@ async fn serve<'a>(
         }
     };
     let limits = shared.policy.load().policy.limits(&user);
-    let Some(_slot) = take_session_slot(shared, &user, limits.max_associations) else {
+    let Some(slot) = take_session_slot(shared, &user, limits.max_associations) else {
         info!(user = %user, client = %peer, limit = limits.max_associations, "session refused: too many sessions");
         return Err(Box::pin(refuse(&mut stream, Reply::NotAllowed)).await);
     };
@@ -532,17 +532,22 @@ async fn serve<'a>(
             Ok(None)
         }
         Command::UdpAssociate => {
-            let session = associate(
+            let (control, relay) = associate(
                 shared,
                 stream,
                 peer,
                 user,
                 &request.address,
                 limits.max_flows_per_association,
-                (_slot, shutdown),
             )
             .await?;
-            Ok(Some(session))
+            Ok(Some(UdpSession {
+                control,
+                peer,
+                relay,
+                shutdown,
+                slot,
+            }))
         }
         Command::Bind => Err(Box::pin(refuse(&mut stream, Reply::CommandNotSupported)).await),
     }
@@ -1046,7 +1051,8 @@ impl Relay<'_> {
     }
 }
 
-/// A UDP ASSOCIATE's set-up: its client-facing socket, its relay bind, the reply.
+/// A UDP ASSOCIATE's set-up: its client-facing socket, its relay bind, the reply. Returns the
+/// control connection and the association's state.
 async fn associate<'a>(
     shared: &'a Shared,
     mut control: TcpStream,
@@ -1054,8 +1060,7 @@ async fn associate<'a>(
     user: User,
     declared: &Address,
     max_flows: u32,
-    (slot, shutdown): (SessionSlot<'a>, CancellationToken),
-) -> Result<UdpSession<'a>, SessionError> {
+) -> Result<(TcpStream, Relay<'a>), SessionError> {
     // The UDP socket faces the client, on the address the client reached us at.
     let local = control.local_addr()?;
     let client_socket = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
@@ -1109,13 +1114,7 @@ async fn associate<'a>(
         last_attempt: None,
         turn: 0,
     };
-    Ok(UdpSession {
-        control,
-        peer,
-        relay,
-        shutdown,
-        slot,
-    })
+    Ok((control, relay))
 }
 
 /// An answered UDP ASSOCIATE: what its loop needs, and nothing of its set-up.
