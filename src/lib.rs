@@ -13,6 +13,7 @@ pub mod pki;
 pub mod policy;
 pub mod rate;
 pub mod relay;
+pub(crate) mod reuseport;
 pub mod sidecar;
 pub mod socks5;
 pub mod status;

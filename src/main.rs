@@ -154,15 +154,11 @@ fn main() -> ExitCode {
         command => {
             init_tracing();
             veil::raise_open_file_limit();
-            // The sidecar serves one machine's calls: one thread is plenty, and it saves the
-            // cross-thread wake-ups a multi-threaded runtime pays on every packet (measured:
-            // ~15 % CPU and ~40 % round-trip time in the data-path benchmark). The relay
-            // serves many sidecars and uses every core (`TOKIO_WORKER_THREADS` caps it).
-            let mut builder = if matches!(command, Cmd::Relay { .. }) {
-                tokio::runtime::Builder::new_multi_thread()
-            } else {
-                tokio::runtime::Builder::new_current_thread()
-            };
+            // One thread: the sidecar serves one machine's calls, and saves the cross-thread
+            // wake-ups a multi-threaded runtime pays on every packet (measured: ~15 % CPU and
+            // ~40 % round-trip time in the data-path benchmark). The relay spreads its
+            // connections over threads of its own, one runtime each (`threads` in its config).
+            let mut builder = tokio::runtime::Builder::new_current_thread();
             let runtime = match builder.enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -514,10 +510,13 @@ async fn relay(path: &Path) -> anyhow::Result<()> {
     let config = RelayConfig::load(path)?;
     let (certs, key) = load_identity(&config.certificate, &config.private_key)?;
     let ca = load_certificates(&config.client_ca)?;
-    let endpoint_config = pki::relay_endpoint_config(key.secret_der());
+    let der = key.secret_der().to_vec();
     let tls = pki::server_config(certs, key, &ca)?;
-    let relay = Relay::bind(config, tls, endpoint_config)?;
-    info!(listen = %relay.local_addr()?, "veil relay ready");
+    let threads = config.threads;
+    let relay = Relay::bind(config, tls, |shard, shards| {
+        pki::relay_endpoint_config(&der, shard, shards)
+    })?;
+    info!(listen = %relay.local_addr()?, threads, "veil relay ready");
     let handle = relay.handle();
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(relay.run(shutdown.clone()));
@@ -616,7 +615,7 @@ async fn up(listen: SocketAddr, allow: Vec<ipnet::IpNet>) -> anyhow::Result<()> 
     )?;
     let ca = pki::certificates(&set.ca_cert_pem, "generated CA")?;
     let relay_key = pki::private_key(&set.relay.key_pem, "generated relay key")?;
-    let endpoint_config = pki::relay_endpoint_config(relay_key.secret_der());
+    let endpoint_config = pki::relay_endpoint_config(relay_key.secret_der(), 0, 1);
     let tls = pki::server_config(
         pki::certificates(&set.relay.cert_pem, "generated relay certificate")?,
         relay_key,
@@ -631,8 +630,10 @@ async fn up(listen: SocketAddr, allow: Vec<ipnet::IpNet>) -> anyhow::Result<()> 
         allow,
         inbound_filter: InboundFilter::AddressDependent,
         quotas: Quotas::default(),
+        // The demo relay shares the sidecar's thread.
+        threads: 1,
     };
-    let relay = Relay::bind(relay_config, tls, endpoint_config)?;
+    let relay = Relay::bind(relay_config, tls, |_, _| endpoint_config.clone())?;
     let relay_addr = relay.local_addr()?;
     let shutdown = CancellationToken::new();
     tokio::spawn(relay.run(shutdown.clone()));

@@ -157,7 +157,13 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// restarts: connection IDs validate under the same key and stateless-reset tokens stay the same,
 /// so a restarted relay answers packets of connections it has forgotten with a valid stateless
 /// reset (RFC 9000 §10.3) and sidecars reconnect at once instead of waiting for the idle timeout.
-pub fn relay_endpoint_config(private_key_der: &[u8]) -> quinn::EndpointConfig {
+/// The endpoint of shard `shard` of `shards` issues connection IDs that the kernel steers to it
+/// (see [`crate::reuseport`]).
+pub fn relay_endpoint_config(
+    private_key_der: &[u8],
+    shard: u8,
+    shards: u8,
+) -> quinn::EndpointConfig {
     let derive = |label: &[u8]| {
         let mut material = label.to_vec();
         material.extend_from_slice(private_key_der);
@@ -175,7 +181,9 @@ pub fn relay_endpoint_config(private_key_der: &[u8]) -> quinn::EndpointConfig {
         reset.as_ref(),
     )));
     config.cid_generator(move || {
-        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        Box::new(crate::reuseport::ShardedConnectionIds::new(
+            cid_key, shard, shards,
+        ))
     });
     config
 }

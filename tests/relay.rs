@@ -370,3 +370,96 @@ fn a_bind_admits_only_peers_its_client_has_sent_to() {
         "{log}"
     );
 }
+
+/// The sidecar's QUIC client settings, from the test PKI's files.
+fn quic_client(pki: &Pki) -> quinn::ClientConfig {
+    let read = |f: &str| std::fs::read_to_string(pki.path(f)).expect("read PKI file");
+    let ca = veil::pki::certificates(&read("ca.crt"), "ca").expect("ca");
+    let certs = veil::pki::certificates(&read("sidecar.crt"), "cert").expect("cert");
+    let key = veil::pki::private_key(&read("sidecar.key"), "key").expect("key");
+    veil::pki::client_config(&ca, certs, key).expect("client config")
+}
+
+/// The relay's QUIC port is served by several threads, each with its own socket; the kernel
+/// steers every packet to the thread that owns its connection by connection ID. Connections
+/// spread over the threads, and a client whose address changes (a laptop on another network,
+/// a NAT rebinding) keeps its connection: were packets spread by address, each change would
+/// land on the wrong thread three times in four and be answered with a stateless reset (without
+/// the steering, this test would pass by a chance of 4⁻⁹).
+#[test]
+fn a_threaded_relay_keeps_each_connection_on_its_thread_across_address_changes() {
+    let pki = Pki::generate("localhost");
+    let relay = relay_with(&pki, "threads = 4\n");
+    let config = quic_client(&pki);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..16 {
+            let mut endpoint =
+                quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).expect("endpoint");
+            endpoint.set_default_client_config(config.clone());
+            let conn = endpoint
+                .connect(relay.addr, "localhost")
+                .expect("connect")
+                .await
+                .expect("handshake with the relay");
+            clients.push((endpoint, conn));
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let shards = loop {
+            let shards: std::collections::HashSet<String> = relay
+                .log()
+                .iter()
+                .filter(|l| l.contains("sidecar connected"))
+                .filter_map(|l| l.split("shard=").nth(1))
+                .filter_map(|s| s.split_whitespace().next().map(str::to_owned))
+                .collect();
+            let connected = relay
+                .log()
+                .iter()
+                .filter(|l| l.contains("sidecar connected"))
+                .count();
+            if connected >= 16 || std::time::Instant::now() > deadline {
+                assert_eq!(connected, 16, "every connection is served");
+                break shards;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(
+            shards.len() >= 2,
+            "16 connections all on one thread: {shards:?}"
+        );
+
+        for (endpoint, conn) in clients.iter().take(3) {
+            for change in 0..3 {
+                let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+                let new = socket.local_addr().expect("addr");
+                endpoint.rebind(socket).expect("rebind");
+                let heard = conn.stats().udp_rx.datagrams;
+                // Keep-alives go every second; the relay answers them on the new path.
+                tokio::time::sleep(Duration::from_millis(1200)).await;
+                assert!(
+                    conn.close_reason().is_none(),
+                    "change {change} to {new}: connection lost: {:?}",
+                    conn.close_reason()
+                );
+                assert!(
+                    conn.stats().udp_rx.datagrams > heard,
+                    "change {change} to {new}: nothing heard from the relay"
+                );
+            }
+        }
+        for (endpoint, conn) in &clients {
+            conn.close(0u32.into(), b"done");
+            endpoint.wait_idle().await;
+        }
+    });
+    let log = relay.stop();
+    assert!(
+        !log.iter().any(|l| l.contains("ERROR")),
+        "relay errors: {log:#?}"
+    );
+}

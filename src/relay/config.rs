@@ -71,6 +71,19 @@ pub struct RelayConfig {
     pub inbound_filter: InboundFilter,
     /// Limits.
     pub quotas: Quotas,
+    /// Threads serving the QUIC port, each with its own socket and connections (1 to 64;
+    /// default: one per CPU).
+    pub threads: u8,
+}
+
+/// One thread per CPU the relay may run on, at most [`crate::reuseport::MAX_SHARDS`].
+pub fn default_threads() -> u8 {
+    std::thread::available_parallelism()
+        .map_or(1, |n| {
+            n.get().min(usize::from(crate::reuseport::MAX_SHARDS))
+        })
+        .try_into()
+        .unwrap_or(1)
 }
 
 #[derive(Deserialize)]
@@ -84,6 +97,7 @@ struct Raw {
     #[serde(default)]
     allow: Vec<Spanned<String>>,
     inbound_filter: Option<InboundFilter>,
+    threads: Option<Spanned<i64>>,
     quotas: Option<RawQuotas>,
 }
 
@@ -172,6 +186,24 @@ impl RelayConfig {
                 }
             })
             .collect();
+        let max = crate::reuseport::MAX_SHARDS;
+        let threads = match &raw.threads {
+            None => default_threads(),
+            Some(t) => match u8::try_from(*t.get_ref()) {
+                Ok(n) if (1..=max).contains(&n) => n,
+                _ => {
+                    errors.push(at(
+                        t.span(),
+                        "threads",
+                        format!(
+                            "expected a whole number from 1 to {max}, found {}",
+                            t.get_ref()
+                        ),
+                    ));
+                    1
+                }
+            },
+        };
         let mut quotas = Quotas::default();
         if let Some(q) = raw.quotas {
             let mut set = |name: &str, v: Option<Spanned<i64>>, min: u32, slot: &mut u32| {
@@ -243,6 +275,7 @@ impl RelayConfig {
                     .inbound_filter
                     .unwrap_or(InboundFilter::AddressDependent),
                 quotas,
+                threads,
             }),
             _ => Err(ConfigErrors(errors)),
         }
@@ -272,6 +305,9 @@ mod tests {
         assert_eq!(c.certificate, Path::new("/etc/veil/relay.crt"));
         assert_eq!(c.quotas.idle_timeout, Duration::from_secs(120));
         assert_eq!(c.inbound_filter, InboundFilter::AddressDependent);
+        assert_eq!(c.threads, default_threads());
+        let two = RelayConfig::parse(Path::new("r.toml"), &format!("threads = 2\n{GOOD}"));
+        assert_eq!(two.expect("valid").threads, 2);
     }
 
     #[test]
@@ -281,7 +317,8 @@ mod tests {
                 "[\"203.0.113.0/24\"]",
                 "[\"203.0.113.0/24\", \"10.0.0.1/8\", \"nonsense\"]",
             )
-            .replace("= 120", "= 60");
+            .replace("= 120", "= 60")
+            .replace("[quotas]", "threads = 65\n[quotas]");
         let e = RelayConfig::parse(Path::new("r.toml"), &bad)
             .expect_err("invalid")
             .0;
@@ -290,7 +327,8 @@ mod tests {
             vec![
                 "r.toml:5:28: allow[1]: expected a CIDR network without host bits, found \"10.0.0.1/8\"",
                 "r.toml:5:42: allow[2]: expected a CIDR network without host bits, found \"nonsense\"",
-                "r.toml:7:24: quotas.idle_timeout_seconds: expected a whole number from 120 to 4294967295, found 60",
+                "r.toml:6:11: threads: expected a whole number from 1 to 64, found 65",
+                "r.toml:8:24: quotas.idle_timeout_seconds: expected a whole number from 120 to 4294967295, found 60",
             ]
         );
         let e = RelayConfig::parse(

@@ -26,7 +26,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 type H3Conn = h3::server::Connection<h3_quinn::Connection, Bytes>;
 type H3Stream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
@@ -114,7 +114,7 @@ struct Shared {
 struct PortHolder {
     user: String,
     bind: u64,
-    /// The QUIC connection it came on (`stable_id`).
+    /// The QUIC connection it came on ([`connection_id`]).
     conn: usize,
     /// That bind's request, to end it.
     tunnel: Arc<Tunnel>,
@@ -307,10 +307,17 @@ impl Tunnel {
     }
 }
 
-/// The relay: a bound QUIC endpoint, ready to [`run`](Relay::run).
+/// The relay: its QUIC port bound, ready to [`run`](Relay::run).
+///
+/// The port is served by `threads` shards: each has its own socket (`SO_REUSEPORT`), thread,
+/// single-threaded runtime and QUIC endpoint, and the kernel steers each packet to the shard
+/// that owns its connection (see [`crate::reuseport`]). A connection's packets, binds and
+/// tasks stay on one thread, so none is handed between threads on the way.
 #[derive(Debug)]
 pub struct Relay {
-    endpoint: quinn::Endpoint,
+    /// Per shard, its socket and endpoint settings.
+    shards: Vec<(std::net::UdpSocket, quinn::EndpointConfig)>,
+    tls: quinn::ServerConfig,
     shared: Arc<Shared>,
 }
 
@@ -343,26 +350,45 @@ fn own_addresses() -> Vec<IpAddr> {
         .unwrap_or_default()
 }
 
+/// `shards` UDP sockets on `listen` (the first one's port if `listen` has port 0), in one
+/// `SO_REUSEPORT` group steered by connection ID when there are several.
+fn listen_sockets(listen: SocketAddr, shards: u8) -> io::Result<Vec<std::net::UdpSocket>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut sockets: Vec<std::net::UdpSocket> = Vec::with_capacity(usize::from(shards));
+    let mut addr = listen;
+    for _ in 0..shards.max(1) {
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        if shards > 1 {
+            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::ReusePort, &true)?;
+        }
+        socket.bind(&addr.into())?;
+        let socket = std::net::UdpSocket::from(socket);
+        addr = socket.local_addr()?;
+        crate::SocketBuffers::Shared.apply(&socket);
+        sockets.push(socket);
+    }
+    if let (true, Some(first)) = (shards > 1, sockets.first()) {
+        crate::reuseport::steer_by_connection_id(first, shards)?;
+    }
+    Ok(sockets)
+}
+
 impl Relay {
-    /// Binds the QUIC endpoint with `tls` (see [`crate::pki::server_config`]) and endpoint
-    /// settings that survive restarts (see [`crate::pki::relay_endpoint_config`]).
+    /// Binds the QUIC port with `config.threads` sockets, `tls` (see
+    /// [`crate::pki::server_config`]) and, per shard, `endpoint_config(shard, shards)` (see
+    /// [`crate::pki::relay_endpoint_config`]).
     pub fn bind(
         config: RelayConfig,
         tls: quinn::ServerConfig,
-        endpoint_config: quinn::EndpointConfig,
+        endpoint_config: impl Fn(u8, u8) -> quinn::EndpointConfig,
     ) -> Result<Self, Error> {
         let listen = config.listen;
-        let endpoint = std::net::UdpSocket::bind(listen)
-            .and_then(|socket| {
-                crate::SocketBuffers::Shared.apply(&socket);
-                quinn::Endpoint::new(
-                    endpoint_config,
-                    Some(tls),
-                    socket,
-                    Arc::new(quinn::TokioRuntime),
-                )
-            })
-            .map_err(|e| Error::Listen(listen, e))?;
+        let count = config.threads.max(1);
+        let sockets = listen_sockets(listen, count).map_err(|e| Error::Listen(listen, e))?;
+        let shards = (0..count)
+            .zip(sockets)
+            .map(|(i, socket)| (socket, endpoint_config(i, count)))
+            .collect();
         let mut own = own_addresses();
         own.push(config.public_address);
         if !config.listen.ip().is_unspecified() {
@@ -379,12 +405,19 @@ impl Relay {
             bind_ports: Mutex::new(HashMap::new()),
             next_bind: AtomicU64::new(0),
         });
-        Ok(Self { endpoint, shared })
+        Ok(Self {
+            shards,
+            tls,
+            shared,
+        })
     }
 
     /// The QUIC listener's address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.endpoint.local_addr()
+        match self.shards.first() {
+            Some((socket, _)) => socket.local_addr(),
+            None => Err(io::Error::other("no socket")),
+        }
     }
 
     /// A handle for counters.
@@ -395,47 +428,122 @@ impl Relay {
     }
 
     /// Serves until `shutdown`, then closes every connection and waits (bounded) for the close
-    /// to reach the clients.
+    /// to reach the clients. Shard 0 runs in the caller's runtime, every other one on a thread
+    /// of its own; a shard that cannot start stops the whole relay (its share of packets would
+    /// go unanswered).
     pub async fn run(self, shutdown: CancellationToken) {
-        let tasks = TaskTracker::new();
-        loop {
-            let incoming = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                i = self.endpoint.accept() => match i {
-                    Some(i) => i,
-                    None => break,
-                },
-            };
-            let shared = self.shared.clone();
-            // A clone, not a child token: nothing cancels one alone, and a child costs a tree
-            // node each (memory per idle association).
-            let token = shutdown.clone();
-            tasks.spawn(async move {
-                let remote = incoming.remote_address();
-                match incoming.await {
-                    Ok(conn) => {
-                        if let Err(e) = serve_connection(shared, conn, token).await {
-                            debug!(client = %remote, error = %e, "connection ended");
+        let Self {
+            shards,
+            tls,
+            shared,
+        } = self;
+        let mut shards = shards.into_iter().enumerate();
+        let first = shards.next();
+        let mut threads = Vec::new();
+        for (index, (socket, endpoint_config)) in shards {
+            let (tls, shared, token) = (tls.clone(), shared.clone(), shutdown.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("veil-relay-{index}"))
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt.block_on(serve_shard(
+                            index,
+                            socket,
+                            endpoint_config,
+                            tls,
+                            shared,
+                            token,
+                        )),
+                        Err(e) => {
+                            error!(shard = index, error = %e, "cannot start a relay thread's runtime; stopping");
+                            token.cancel();
                         }
                     }
-                    Err(e) => info!(client = %remote, error = %e, "handshake failed"),
+                });
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    error!(shard = index, error = %e, "cannot start a relay thread; stopping");
+                    shutdown.cancel();
                 }
-            });
+            }
         }
-        tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
-        self.endpoint.close(0u32.into(), b"relay shutting down");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        if let Some((index, (socket, endpoint_config))) = first {
+            serve_shard(index, socket, endpoint_config, tls, shared, shutdown).await;
+        }
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
     }
+}
+
+/// One shard: its endpoint's connections, until `shutdown`.
+async fn serve_shard(
+    index: usize,
+    socket: std::net::UdpSocket,
+    endpoint_config: quinn::EndpointConfig,
+    tls: quinn::ServerConfig,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let endpoint = match quinn::Endpoint::new(
+        endpoint_config,
+        Some(tls),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    ) {
+        Ok(e) => e,
+        Err(e) => {
+            error!(shard = index, error = %e, "cannot start the QUIC endpoint; stopping");
+            shutdown.cancel();
+            return;
+        }
+    };
+    let tasks = TaskTracker::new();
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let shared = shared.clone();
+        // A clone, not a child token: nothing cancels one alone, and a child costs a tree
+        // node each (memory per idle association).
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => {
+                    if let Err(e) = serve_connection(shared, conn, token, index).await {
+                        debug!(client = %remote, error = %e, "connection ended");
+                    }
+                }
+                Err(e) => info!(client = %remote, error = %e, "handshake failed"),
+            }
+        });
+    }
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+    endpoint.close(0u32.into(), b"relay shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
 }
 
 async fn serve_connection(
     shared: Arc<Shared>,
     conn: quinn::Connection,
     shutdown: CancellationToken,
+    shard: usize,
 ) -> Result<(), h3::error::ConnectionError> {
     let remote = conn.remote_address();
-    info!(client = %remote, "sidecar connected");
+    info!(client = %remote, shard, "sidecar connected");
     let mut h3c: H3Conn = h3::server::builder()
         .enable_extended_connect(true)
         .enable_datagram(true)
@@ -505,6 +613,13 @@ async fn serve_connection(
     datagrams.abort();
     info!(client = %remote, "sidecar disconnected");
     Ok(())
+}
+
+/// Tells a connection apart from every other live one of the relay, whichever shard it is on
+/// (quinn's `stable_id` is unique only within one endpoint): the address of its requests' map,
+/// which lives as long as any of its binds.
+fn connection_id(tunnels: &Tunnels) -> usize {
+    Arc::as_ptr(tunnels) as usize
 }
 
 /// Ends the requests that have carried no datagram for the idle timeout.
@@ -846,7 +961,13 @@ async fn open_udp(
     let ip = shared.config.public_address;
     let mut socket = Err(io::Error::other("no preferred port"));
     if let Some(port) = preferred {
-        socket = bind_preferred(&shared, &user, conn.stable_id(), SocketAddr::new(ip, port)).await;
+        socket = bind_preferred(
+            &shared,
+            &user,
+            connection_id(&tunnels),
+            SocketAddr::new(ip, port),
+        )
+        .await;
         if socket.is_err() {
             debug!(user = %user, port, "preferred public port taken; picking another");
         }
@@ -917,7 +1038,7 @@ async fn open_udp(
         let holder = PortHolder {
             user: user.clone(),
             bind: id,
-            conn: conn.stable_id(),
+            conn: connection_id(&tunnels),
             tunnel: tunnel.clone(),
         };
         ports.insert(port, holder);
