@@ -12,6 +12,8 @@
 //! simulated calls held (see `scale.rs`), and memory per idle association.
 //!
 //! `BENCH_PATHS_ONLY=1` stops after the per-path table (no calls, no idle associations).
+//! `BENCH_BLAST=RATE[,RATE…]` only sends 1200 B packets through the SOCKS5 path at each rate and
+//! prints where any were lost (kernel UDP overflow counters, the sidecar's status).
 //! `BENCH_PROFILE=FILE` also records a `perf` call graph of the two daemons during the CPU phase
 //! (the transparent path's into FILE.transparent).
 
@@ -503,18 +505,72 @@ impl Path2 for RawQuinn {
     }
 }
 
-/// CPU microseconds per delivered packet at 10k pkt/s of 1200 B, as `cpu_seconds` counts it.
-/// The median of three runs (one in a quick run): this machine's neighbours are noisy.
-fn cpu_per_packet(path: Arc<dyn Path2>, cpu_seconds: &dyn Fn() -> f64) -> f64 {
-    let mut runs: Vec<f64> = (0..if quick() { 1 } else { 3 })
+/// CPU microseconds per delivered packet at 10k pkt/s of 1200 B, for each part that
+/// `cpu_seconds` counts (e.g. sidecar and relay). The run with the median total of three (one in
+/// a quick run): this machine's neighbours are noisy.
+fn cpu_per_packet(path: Arc<dyn Path2>, cpu_seconds: &dyn Fn() -> Vec<f64>) -> Vec<f64> {
+    let mut runs: Vec<Vec<f64>> = (0..if quick() { 1 } else { 3 })
         .map(|_| {
             let before = cpu_seconds();
             let (_, delivered) = blast(path.clone(), 10_000, 1200, if quick() { 1.0 } else { 2.0 });
-            (cpu_seconds() - before) * 1e6 / delivered.max(1) as f64
+            cpu_seconds()
+                .iter()
+                .zip(&before)
+                .map(|(after, before)| (after - before) * 1e6 / delivered.max(1) as f64)
+                .collect()
         })
         .collect();
-    runs.sort_by(f64::total_cmp);
-    runs.get(runs.len() / 2).copied().unwrap_or(f64::NAN)
+    runs.sort_by(|a, b| a.iter().sum::<f64>().total_cmp(&b.iter().sum()));
+    runs.get(runs.len() / 2).cloned().unwrap_or_default()
+}
+
+/// The kernel's UDP error counters (`/proc/net/snmp`): receive errors, of which buffer
+/// overflows, and send buffer overflows.
+fn udp_errors() -> [u64; 3] {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut rows = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (rows.next().unwrap_or(""), rows.next().unwrap_or(""));
+    let field = |name: &str| {
+        names
+            .split_whitespace()
+            .position(|n| n == name)
+            .and_then(|i| values.split_whitespace().nth(i))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    [
+        field("InErrors"),
+        field("RcvbufErrors"),
+        field("SndbufErrors"),
+    ]
+}
+
+/// `BENCH_BLAST=RATE[,RATE…]`: where 1200 B packets are lost on the SOCKS5 path at each rate
+/// (2 s each): the kernel's UDP overflow counters and the sidecar's own counters.
+fn diagnose_loss(path: &Arc<dyn Path2>, rates: &str, control: &Path) {
+    for rate in rates
+        .split(',')
+        .filter_map(|r| r.trim().parse::<u64>().ok())
+    {
+        let before = udp_errors();
+        let (sent, got) = blast(path.clone(), rate, 1200, 2.0);
+        let after = udp_errors();
+        println!(
+            "{rate} pkt/s: sent {sent}, echoed {got}, lost {}; kernel UDP receive errors {}, of which buffer overflows {}, send buffer overflows {}",
+            sent - got.min(sent),
+            after[0] - before[0],
+            after[1] - before[1],
+            after[2] - before[2]
+        );
+    }
+    let status = Command::new(env!("CARGO_BIN_EXE_veil"))
+        .arg("status")
+        .arg("--socket")
+        .arg(control)
+        .output();
+    if let Ok(out) = status {
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
 }
 
 /// With `BENCH_PROFILE=FILE`, records `perf` call graphs of the veil processes during the CPU
@@ -596,8 +652,18 @@ fn main() {
     phase("quinn round trips", t0);
     let cap = capacity(quinn_path.clone(), 1200);
     phase("quinn capacity", t0);
-    let cpu = cpu_per_packet(quinn_path.clone(), &|| thread_cpu_seconds(RAW_QUINN_THREAD));
-    rows.push(("raw quinn DATAGRAM".into(), rtt, cap, Some(cpu), None));
+    let cpu = cpu_per_packet(quinn_path.clone(), &|| {
+        vec![thread_cpu_seconds(RAW_QUINN_THREAD)]
+    });
+    rows.push((
+        "raw quinn DATAGRAM".into(),
+        rtt,
+        cap,
+        Some(cpu.iter().sum()),
+        None,
+    ));
+    // Each veil path's CPU split between its sidecar and relay.
+    let mut splits = Vec::new();
     drop(quinn_path);
     phase("quinn closed", t0);
 
@@ -609,6 +675,10 @@ fn main() {
         .set_read_timeout(Some(Duration::from_millis(200)))
         .expect("timeout");
     let socks: Arc<dyn Path2> = Arc::new(socks);
+    if let Ok(rates) = std::env::var("BENCH_BLAST") {
+        diagnose_loss(&socks, &rates, &dir.path().join("sidecar-control"));
+        return;
+    }
     phase("veil started", t0);
     let rtt = round_trips(socks.as_ref(), 200, pings);
     phase("veil round trips", t0);
@@ -617,10 +687,12 @@ fn main() {
     // CPU per delivered packet of sidecar + relay at 10k pkt/s.
     let pids = [veil.sidecar.0.id(), veil.relay.0.id()];
     let profile = profile_start(&pids, "");
-    let cpu_us = cpu_per_packet(socks.clone(), &|| {
-        pids.iter().map(|p| proc_cpu_seconds(*p)).sum()
+    let cpu = cpu_per_packet(socks.clone(), &|| {
+        pids.iter().map(|p| proc_cpu_seconds(*p)).collect()
     });
     profile_stop(profile);
+    let cpu_us = cpu.iter().sum();
+    splits.push(("SOCKS5", cpu));
     let rss: u64 = pids.iter().map(|p| proc_kib(*p, "VmHWM:")).sum();
     rows.push((
         "veil SOCKS5 → QUIC → relay".into(),
@@ -648,8 +720,10 @@ fn main() {
             let cap = capacity(app.clone(), 1200);
             let pids = [t.sidecar.0.id(), t.relay.0.id()];
             let profile = profile_start(&pids, ".transparent");
-            let cpu_us = cpu_per_packet(app, &|| pids.iter().map(|p| proc_cpu_seconds(*p)).sum());
+            let cpu = cpu_per_packet(app, &|| pids.iter().map(|p| proc_cpu_seconds(*p)).collect());
             profile_stop(profile);
+            let cpu_us = cpu.iter().sum();
+            splits.push(("transparent", cpu));
             let rss: u64 = pids.iter().map(|p| proc_kib(*p, "VmHWM:")).sum();
             rows.push((
                 "veil transparent: app → TPROXY → QUIC → relay".into(),
@@ -742,6 +816,11 @@ fn main() {
         );
     }
     println!("{floor_note}");
+    for (path, parts) in &splits {
+        if let [sidecar, relay] = parts.as_slice() {
+            println!("{path} CPU per echoed packet: sidecar {sidecar:.1} µs + relay {relay:.1} µs");
+        }
+    }
     println!("\n| simulated calls | packets sent | loss | one-way delay variation p99 | held |");
     println!("| --- | --- | --- | --- | --- |");
     for r in &results {
