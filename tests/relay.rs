@@ -463,3 +463,57 @@ fn a_threaded_relay_keeps_each_connection_on_its_thread_across_address_changes()
         "relay errors: {log:#?}"
     );
 }
+
+/// The count a stopped relay logged for `counter` ("final count" lines).
+fn final_count(log: &[String], counter: &str) -> u64 {
+    log.iter()
+        .filter(|l| l.contains("final count") && l.contains(&format!("counter=\"{counter}\"")))
+        .find_map(|l| {
+            l.split("value=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no final count of {counter} in {log:#?}"))
+}
+
+/// A user's packets are capped per second, both directions together: a burst beyond the
+/// allowance is dropped and counted, while the same burst under the default quota comes back
+/// whole. (The allowance is each user's own, shared by all its binds on every relay thread.)
+#[test]
+fn a_users_packet_rate_is_capped_and_the_excess_counted() {
+    let pki = Pki::generate("localhost");
+    let echo = UdpEcho::spawn("127.0.0.2:0");
+    let target = echo.addr.to_string();
+    let burst = |relay: &Daemon| {
+        let lines = masque(relay.addr, &pki, true, &["burst", &target, "100"]);
+        let last = lines.last().cloned().unwrap_or_default();
+        let replies: u64 = last
+            .strip_prefix("sent 100 replies ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected client output {lines:?}"));
+        replies
+    };
+
+    let open = relay_with(&pki, "allow = [\"127.0.0.0/8\"]\n");
+    let replies = burst(&open);
+    let log = open.stop();
+    assert_eq!(replies, 100, "the default quota passes a burst of 100");
+    assert_eq!(final_count(&log, "dropped_quota"), 0);
+
+    let capped = relay_with(
+        &pki,
+        "allow = [\"127.0.0.0/8\"]\n[quotas]\npackets_per_second_per_user = 20\n",
+    );
+    let replies = burst(&capped);
+    let log = capped.stop();
+    // 20 packets' allowance (plus what a second earns), each echoed packet charged out and back.
+    assert!(
+        (1..=12).contains(&replies),
+        "{replies} of 100 came back through an allowance of 20 packets/s"
+    );
+    let dropped = final_count(&log, "dropped_quota");
+    assert!(dropped >= 80, "{dropped} counted over quota");
+}

@@ -86,19 +86,38 @@ fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-/// What one user uses right now.
+/// What one user uses right now. Each of the user's binds holds it, so a packet is charged
+/// under the user's own lock, not the map's (the relay's shards charge in parallel).
 #[derive(Debug)]
 struct UserUse {
-    binds: u32,
-    packets: TokenBucket,
-    bytes: TokenBucket,
+    /// Binds held; changed only under the map's lock.
+    binds: AtomicU32,
+    /// Packets and bytes (in 1500-byte units) per second.
+    rates: Mutex<(TokenBucket, TokenBucket)>,
+}
+
+impl UserUse {
+    /// Charges one datagram of `len` bytes; false if over quota.
+    fn charge(&self, len: usize) -> bool {
+        let now = Instant::now();
+        let Ok(mut rates) = self.rates.lock() else {
+            return false;
+        };
+        let (packets, bytes) = &mut *rates;
+        if !packets.take(now) {
+            return false;
+        }
+        // Bytes are charged in 1500-byte units so that one token bucket serves both limits.
+        let units = len.div_ceil(1500).max(1);
+        (0..units).all(|_| bytes.take(now))
+    }
 }
 
 #[derive(Debug)]
 struct Shared {
     config: RelayConfig,
     egress: Egress,
-    users: Mutex<HashMap<String, UserUse>>,
+    users: Mutex<HashMap<String, Arc<UserUse>>>,
     binds_total: AtomicU32,
     counters: RelayCounters,
     started: Instant,
@@ -135,23 +154,6 @@ impl Shared {
         self.is_hairpin(peer) || self.egress.check(peer).is_ok()
     }
 
-    /// Charges one datagram of `len` bytes to `user`; false if over quota.
-    fn charge(&self, user: &str, len: usize) -> bool {
-        let now = Instant::now();
-        let Ok(mut users) = self.users.lock() else {
-            return false;
-        };
-        let Some(u) = users.get_mut(user) else {
-            return false;
-        };
-        if !u.packets.take(now) {
-            return false;
-        }
-        // Bytes are charged in 1500-byte units so that one token bucket serves both limits.
-        let units = len.div_ceil(1500).max(1);
-        (0..units).all(|_| u.bytes.take(now))
-    }
-
     fn millis(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
@@ -161,18 +163,16 @@ impl Shared {
 struct BindSlot {
     shared: Arc<Shared>,
     user: String,
+    usage: Arc<UserUse>,
 }
 
 impl Drop for BindSlot {
     fn drop(&mut self) {
         self.shared.binds_total.fetch_sub(1, Ordering::Relaxed);
         if let Ok(mut users) = self.shared.users.lock()
-            && let Some(u) = users.get_mut(&self.user)
+            && self.usage.binds.fetch_sub(1, Ordering::Relaxed) <= 1
         {
-            u.binds = u.binds.saturating_sub(1);
-            if u.binds == 0 {
-                users.remove(&self.user);
-            }
+            users.remove(&self.user);
         }
     }
 }
@@ -181,22 +181,27 @@ fn take_bind_slot(shared: &Arc<Shared>, user: &str) -> Option<BindSlot> {
     let q = shared.config.quotas;
     let mut users = shared.users.lock().ok()?;
     let now = Instant::now();
-    let u = users.entry(user.to_owned()).or_insert_with(|| UserUse {
-        binds: 0,
-        packets: TokenBucket::new(q.packets_per_second_per_user, now),
-        bytes: TokenBucket::new(q.bytes_per_second_per_user.div_ceil(1500), now),
+    let u = users.entry(user.to_owned()).or_insert_with(|| {
+        Arc::new(UserUse {
+            binds: AtomicU32::new(0),
+            rates: Mutex::new((
+                TokenBucket::new(q.packets_per_second_per_user, now),
+                TokenBucket::new(q.bytes_per_second_per_user.div_ceil(1500), now),
+            )),
+        })
     });
-    if u.binds >= q.binds_per_user {
+    if u.binds.load(Ordering::Relaxed) >= q.binds_per_user {
         return None;
     }
     if shared.binds_total.fetch_add(1, Ordering::Relaxed) >= q.binds_total {
         shared.binds_total.fetch_sub(1, Ordering::Relaxed);
         return None;
     }
-    u.binds += 1;
+    u.binds.fetch_add(1, Ordering::Relaxed);
     Some(BindSlot {
         shared: shared.clone(),
         user: user.to_owned(),
+        usage: u.clone(),
     })
 }
 
@@ -213,6 +218,8 @@ enum Mode {
 #[derive(Debug)]
 struct Tunnel {
     user: String,
+    /// The user's packet and byte allowance.
+    usage: Arc<UserUse>,
     socket: Arc<UdpSocket>,
     mode: Mode,
     /// Peer IPs the client has sent to: the only ones admitted back (address-dependent).
@@ -298,7 +305,7 @@ impl Tunnel {
                 permitted.insert(peer.ip());
             }
         }
-        if !shared.charge(&self.user, udp.len()) {
+        if !self.usage.charge(udp.len()) {
             bump(&c.dropped_quota);
             return None;
         }
@@ -1021,6 +1028,7 @@ async fn open_udp(
     };
     let tunnel = Arc::new(Tunnel {
         user: user.clone(),
+        usage: slot.usage.clone(),
         socket: Arc::new(socket),
         mode,
         permitted: Mutex::new(HashSet::new()),
@@ -1231,7 +1239,7 @@ fn one_to_client(
             }
         }
     };
-    if !shared.charge(&tunnel.user, payload.len()) {
+    if !tunnel.usage.charge(payload.len()) {
         bump(&c.dropped_quota);
         return Ok(());
     }

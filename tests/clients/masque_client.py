@@ -138,6 +138,8 @@ async def run(a):
             client.authority = a.name
             if a.mode == "bind":
                 await bind(client, a)
+            elif a.mode == "burst":
+                await burst(client, a)
             elif a.mode == "targets":
                 for t in a.args:
                     ip, port = address(t)
@@ -154,6 +156,22 @@ async def run(a):
                     print("bind", i, h.get(b":status", b"").decode(), h.get(b"proxy-status", b"").decode(), flush=True)
     except (ConnectionError, asyncio.TimeoutError, OSError) as e:
         print("handshake-failed", type(e).__name__, e, flush=True)
+
+
+async def burst(client, a):
+    """Sends N datagrams to TARGET at once through a bind; reports how many came back."""
+    target, count = a.args[0], int(a.args[1])
+    sid, fut = await client.request("/.well-known/masque/udp/%2A/%2A/", a.user, True)
+    client.send_capsule(sid, capsule(0x11, varint(2) + b"\x00"))
+    h = await asyncio.wait_for(fut, 5)
+    print("status", h.get(b":status", b"").decode(), flush=True)
+    ip, port = address(target)
+    for i in range(count):
+        client.send_datagram(sid, varint(2) + uncompressed(ip, port, f"burst-{i}".encode()))
+    replies = 0
+    while await recv_datagram(client, 2.0):
+        replies += 1
+    print("sent", count, "replies", replies, flush=True)
 
 
 async def bind(client, a):
@@ -222,7 +240,7 @@ def main():
     p.add_argument("--key")
     p.add_argument("--user", default="alice")
     p.add_argument("--linger", type=float, default=0.0, help="bind mode: then wait this long and report any datagram")
-    p.add_argument("mode", choices=["bind", "targets", "binds"])
+    p.add_argument("mode", choices=["bind", "targets", "binds", "burst"])
     p.add_argument("args", nargs="*")
     a = p.parse_args()
     asyncio.run(run(a))
