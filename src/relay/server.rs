@@ -375,7 +375,12 @@ fn listen_sockets(listen: SocketAddr, shards: u8) -> io::Result<Vec<std::net::Ud
         sockets.push(socket);
     }
     if let (true, Some(first)) = (shards > 1, sockets.first()) {
-        crate::reuseport::steer_by_connection_id(first, shards)?;
+        crate::reuseport::steer_by_connection_id(first, shards).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("attaching the program that steers packets to the relay's {shards} threads (threads = 1 does without): {e}"),
+            )
+        })?;
     }
     Ok(sockets)
 }
