@@ -517,3 +517,89 @@ fn a_users_packet_rate_is_capped_and_the_excess_counted() {
     let dropped = final_count(&log, "dropped_quota");
     assert!(dropped >= 80, "{dropped} counted over quota");
 }
+
+/// The public port of a bind, from the client's `public ADDR` line.
+fn public_port(lines: &[String]) -> u16 {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix("public "))
+        .and_then(|a| a.trim_matches('"').rsplit(':').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no public address in {lines:?}"))
+}
+
+/// A sidecar that restarts asks for its binds' old public ports, and the relay hands a port
+/// over from an older bind of the *same user* on another connection, wherever the relay's
+/// threads put the two connections; another user asking for it gets a different port and
+/// the holder keeps it.
+#[test]
+fn a_public_port_is_handed_over_only_to_the_same_user() {
+    use std::io::BufRead;
+    let pki = Pki::generate("localhost");
+    let relay = relay_with(&pki, "allow = [\"127.0.0.0/8\"]\nthreads = 4\n");
+    let echo = UdpEcho::spawn("127.0.0.2:0");
+    let target = echo.addr.to_string();
+    // Four holder/taker pairs: each new connection lands on a random one of the four threads.
+    for round in 0..4 {
+        let mut holder = Lingering(
+            masque_client(relay.addr, &pki, true)
+                .args(["--linger", "30", "bind", &target])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("run aioquic client"),
+        );
+        let stdout = holder.0.stdout.take().expect("stdout");
+        let held: Vec<String> = std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .take_while(|l| !l.starts_with("listening"))
+            .collect();
+        let port = public_port(&held);
+        let port_arg = port.to_string();
+
+        let other = masque(
+            relay.addr,
+            &pki,
+            true,
+            &[
+                "--user",
+                "bob",
+                "--preferred-port",
+                &port_arg,
+                "bind",
+                &target,
+            ],
+        );
+        assert_ne!(
+            public_port(&other),
+            port,
+            "round {round}: bob took alice's port"
+        );
+        assert!(
+            holder.0.try_wait().expect("holder").is_none(),
+            "round {round}: the holder's client ended"
+        );
+
+        let taker = masque(
+            relay.addr,
+            &pki,
+            true,
+            &["--preferred-port", &port_arg, "bind", &target],
+        );
+        assert_eq!(
+            public_port(&taker),
+            port,
+            "round {round}: alice's new connection did not get her port back\n{}",
+            relay.log().join("\n")
+        );
+        assert!(
+            taker.iter().any(|l| l.starts_with("reply 2 ")),
+            "round {round}: no echo through the taken-over port: {taker:?}"
+        );
+    }
+    let handed = relay
+        .log()
+        .iter()
+        .filter(|l| l.contains("public port taken over"))
+        .count();
+    assert_eq!(handed, 4, "{}", relay.log().join("\n"));
+}

@@ -75,7 +75,7 @@ class Client(QuicConnectionProtocol):
             elif isinstance(e, DatagramReceived):
                 self.datagrams.put_nowait((e.stream_id, e.data))
 
-    async def request(self, path, user, bind):
+    async def request(self, path, user, bind, preferred=None):
         sid = self._quic.get_next_available_stream_id()
         headers = [
             (b":method", b"CONNECT"),
@@ -89,6 +89,8 @@ class Client(QuicConnectionProtocol):
             headers.append((b"connect-udp-bind", b"?1"))
         if user:
             headers.append((b"veil-user", user.encode()))
+        if preferred:
+            headers.append((b"veil-preferred-port", str(preferred).encode()))
         self.http.send_headers(sid, headers)
         fut = asyncio.get_running_loop().create_future()
         self.waiters[sid] = fut
@@ -175,7 +177,7 @@ async def burst(client, a):
 
 
 async def bind(client, a):
-    sid, fut = await client.request("/.well-known/masque/udp/%2A/%2A/", a.user, True)
+    sid, fut = await client.request("/.well-known/masque/udp/%2A/%2A/", a.user, True, a.preferred_port)
     # Register the uncompressed context (ID 2) right away.
     client.send_capsule(sid, capsule(0x11, varint(2) + b"\x00"))
     h = await asyncio.wait_for(fut, 5)
@@ -239,6 +241,7 @@ def main():
     p.add_argument("--cert")
     p.add_argument("--key")
     p.add_argument("--user", default="alice")
+    p.add_argument("--preferred-port", type=int, help="bind mode: ask for this public port (veil-preferred-port)")
     p.add_argument("--linger", type=float, default=0.0, help="bind mode: then wait this long and report any datagram")
     p.add_argument("mode", choices=["bind", "targets", "binds", "burst"])
     p.add_argument("args", nargs="*")
