@@ -14,6 +14,8 @@
 //! `BENCH_PATHS_ONLY=1` stops after the per-path table (no calls, no idle associations).
 //! `BENCH_BLAST=RATE[,RATE…]` only sends 1200 B packets through the SOCKS5 path at each rate and
 //! prints where any were lost (kernel UDP overflow counters, the sidecar's status).
+//! `BENCH_CALLS=N[,N…]` only runs the simulated calls, with N calls each (with `BENCH_PROFILE`,
+//! profiled into FILE.calls).
 //! `BENCH_PROFILE=FILE` also records a `perf` call graph of the two daemons during the CPU phase
 //! (the transparent path's into FILE.transparent).
 
@@ -624,6 +626,20 @@ fn main() {
     let t0 = Instant::now();
     // Loopback only, bounded loops; see the module docs.
     veil::raise_open_file_limit();
+    if let Ok(steps) = std::env::var("BENCH_CALLS") {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let veil = start_veil(dir.path());
+        let pids = [veil.sidecar.0.id(), veil.relay.0.id()];
+        let profile = profile_start(&pids, ".calls");
+        let results: Vec<scale::Outcome> = steps
+            .split(',')
+            .filter_map(|n| n.trim().parse().ok())
+            .map(|calls| scale::run(veil.socks, pids, calls, 4.0))
+            .collect();
+        profile_stop(profile);
+        print_calls(&results);
+        return;
+    }
     let pings = if quick() { 500 } else { 5000 };
     let echo = Echo::start("127.0.0.2:0");
     type Row = (String, (f64, f64, f64), u64, Option<f64>, Option<u64>);
@@ -680,12 +696,12 @@ fn main() {
         return;
     }
     phase("veil started", t0);
+    let pids = [veil.sidecar.0.id(), veil.relay.0.id()];
     let rtt = round_trips(socks.as_ref(), 200, pings);
     phase("veil round trips", t0);
     let cap = capacity(socks.clone(), 1200);
     phase("veil capacity", t0);
     // CPU per delivered packet of sidecar + relay at 10k pkt/s.
-    let pids = [veil.sidecar.0.id(), veil.relay.0.id()];
     let profile = profile_start(&pids, "");
     let cpu = cpu_per_packet(socks.clone(), &|| {
         pids.iter().map(|p| proc_cpu_seconds(*p)).collect()
@@ -788,7 +804,7 @@ fn main() {
         &[100, 250, 375, 500, 750, 1000, 1500, 2000]
     };
     for &calls in steps {
-        let r = scale::run(veil.socks, calls, if quick() { 1.0 } else { 4.0 });
+        let r = scale::run(veil.socks, pids, calls, if quick() { 1.0 } else { 4.0 });
         phase(&format!("{calls} calls"), t0);
         let ok = r.holds();
         results.push(r);
@@ -821,19 +837,7 @@ fn main() {
             println!("{path} CPU per echoed packet: sidecar {sidecar:.1} µs + relay {relay:.1} µs");
         }
     }
-    println!("\n| simulated calls | packets sent | loss | one-way delay variation p99 | held |");
-    println!("| --- | --- | --- | --- | --- |");
-    for r in &results {
-        println!(
-            "| {} ({} with video) | {} | {:.3} % | {:.2} ms | {} |",
-            r.calls,
-            r.video_calls,
-            r.sent,
-            r.loss() * 100.0,
-            r.jitter_p99_ms,
-            if r.holds() { "yes" } else { "no" }
-        );
-    }
+    print_calls(&results);
     println!(
         "\nlargest number of calls held (< 0.1 % loss, p99 delay variation < 5 ms): {}",
         held.map_or("none".to_owned(), |n| n.to_string())
@@ -842,4 +846,27 @@ fn main() {
         "idle associations: {n} opened; {:.0} bytes each (sidecar {sidecar_bytes:.0} + relay {relay_bytes:.0}, RSS growth)",
         sidecar_bytes + relay_bytes
     );
+}
+
+/// The simulated calls' table: one row per step.
+fn print_calls(results: &[scale::Outcome]) {
+    println!(
+        "\n| simulated calls | packets sent | loss | one-way delay variation p99 | held | cores: sidecar / relay / callers / peer |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for r in results {
+        println!(
+            "| {} ({} with video) | {} | {:.3} % | {:.2} ms | {} | {:.2} / {:.2} / {:.2} / {:.2} |",
+            r.calls,
+            r.video_calls,
+            r.sent,
+            r.loss() * 100.0,
+            r.jitter_p99_ms,
+            if r.holds() { "yes" } else { "no" },
+            r.cores[0],
+            r.cores[1],
+            r.cores[2],
+            r.cores[3],
+        );
+    }
 }

@@ -24,6 +24,8 @@ pub(crate) struct Outcome {
     pub(crate) sent: u64,
     pub(crate) received: u64,
     pub(crate) jitter_p99_ms: f64,
+    /// Cores used while sending: sidecar, relay, the call generator, the peer.
+    pub(crate) cores: [f64; 4],
 }
 
 impl Outcome {
@@ -35,6 +37,9 @@ impl Outcome {
         self.loss() < 0.001 && self.jitter_p99_ms < 5.0
     }
 }
+
+/// Thread names, to measure their CPU time apart from the rest of the benchmark.
+const PEER_THREAD: &str = "callpeer";
 
 /// Transit samples: (call, ns).
 type Samples = Vec<(u32, u64)>;
@@ -55,25 +60,28 @@ impl Peer {
         let addr = socket.local_addr().expect("addr");
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut samples = Samples::new();
-            let mut buf = [0u8; 2048];
-            while !flag.load(Ordering::Relaxed) {
-                let Ok((n, from)) = socket.recv_from(&mut buf) else {
-                    continue;
-                };
-                if n < HEADER {
-                    continue;
+        let thread = std::thread::Builder::new()
+            .name(PEER_THREAD.into())
+            .spawn(move || {
+                let mut samples = Samples::new();
+                let mut buf = [0u8; 2048];
+                while !flag.load(Ordering::Relaxed) {
+                    let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    if n < HEADER {
+                        continue;
+                    }
+                    let now = epoch.elapsed().as_nanos() as u64;
+                    let call = u32::from_be_bytes(buf[0..4].try_into().expect("4 bytes"));
+                    let sent = u64::from_be_bytes(buf[8..16].try_into().expect("8 bytes"));
+                    samples.push((call, now.saturating_sub(sent)));
+                    buf[8..16].copy_from_slice(&now.to_be_bytes());
+                    let _ = socket.send_to(&buf[..n], from);
                 }
-                let now = epoch.elapsed().as_nanos() as u64;
-                let call = u32::from_be_bytes(buf[0..4].try_into().expect("4 bytes"));
-                let sent = u64::from_be_bytes(buf[8..16].try_into().expect("8 bytes"));
-                samples.push((call, now.saturating_sub(sent)));
-                buf[8..16].copy_from_slice(&now.to_be_bytes());
-                let _ = socket.send_to(&buf[..n], from);
-            }
-            samples
-        });
+                samples
+            })
+            .expect("peer thread");
         Self {
             addr,
             stop,
@@ -128,7 +136,7 @@ fn variations(samples: &[(u32, u64)], calls: usize) -> Vec<f64> {
         .collect()
 }
 
-pub(crate) fn run(proxy: SocketAddr, calls: usize, seconds: f64) -> Outcome {
+pub(crate) fn run(proxy: SocketAddr, pids: [u32; 2], calls: usize, seconds: f64) -> Outcome {
     let epoch = Instant::now();
     let peer = Peer::start(epoch);
     let video_calls = (calls / 100).max(1);
@@ -155,6 +163,16 @@ pub(crate) fn run(proxy: SocketAddr, calls: usize, seconds: f64) -> Outcome {
         .build()
         .expect("runtime");
     let back = Arc::new(Mutex::new(Samples::new()));
+    let me = std::path::Path::new("/proc/thread-self/stat");
+    let cpu = || {
+        [
+            super::proc_cpu_seconds(pids[0]),
+            super::proc_cpu_seconds(pids[1]),
+            super::stat_cpu_seconds(me),
+            super::thread_cpu_seconds(PEER_THREAD),
+        ]
+    };
+    let (cpu_before, wall) = (cpu(), Instant::now());
     let (sent, received) = runtime.block_on(async {
         let mut tasks = tokio::task::JoinSet::new();
         let until = Duration::from_secs_f64(seconds);
@@ -223,9 +241,31 @@ pub(crate) fn run(proxy: SocketAddr, calls: usize, seconds: f64) -> Outcome {
         }
         totals
     });
+    let (cpu_after, wall) = (cpu(), wall.elapsed().as_secs_f64());
+    let mut cores = [0.0; 4];
+    for (c, (after, before)) in cores.iter_mut().zip(cpu_after.iter().zip(&cpu_before)) {
+        *c = (after - before) / wall;
+    }
     drop(controls);
     let up = peer.finish();
     let back = back.lock().map(|b| b.clone()).unwrap_or_default();
+    let spread = |samples: &[(u32, u64)]| {
+        let mut v = variations(samples, calls);
+        v.sort_by(f64::total_cmp);
+        let at = |q: usize| v.get(v.len() * q / 1000).copied().unwrap_or(f64::NAN);
+        format!(
+            "p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} ms",
+            at(500),
+            at(900),
+            at(990),
+            at(999)
+        )
+    };
+    eprintln!(
+        "{calls} calls, delay variation: to the peer {}; back {}",
+        spread(&up),
+        spread(&back)
+    );
     let mut variation = variations(&up, calls);
     variation.extend(variations(&back, calls));
     variation.sort_by(f64::total_cmp);
@@ -239,5 +279,6 @@ pub(crate) fn run(proxy: SocketAddr, calls: usize, seconds: f64) -> Outcome {
         sent,
         received,
         jitter_p99_ms,
+        cores,
     }
 }
