@@ -227,7 +227,7 @@ pub(crate) fn recv_burst(
     RECV.with_borrow_mut(|space| {
         let RecvSpace { slots, headers, .. } = space;
         let headers = &mut headers[usize::from(v6)];
-        let got = socket.try_io(tokio::io::Interest::READABLE, || {
+        let got = receive_once(socket, || {
             receive(slots, headers, socket.as_raw_fd(), |_| Some(()))
         })?;
         for (slot, got) in slots.iter_mut().zip(&got) {
@@ -254,7 +254,7 @@ pub(crate) fn recv_burst_with_destination(
             ..
         } = space;
         let with_destination = &mut with_destination[usize::from(v6)];
-        let got = socket.try_io(tokio::io::Interest::READABLE, || {
+        let got = receive_once(socket, || {
             receive(
                 slots,
                 with_destination,
@@ -269,6 +269,31 @@ pub(crate) fn recv_burst_with_destination(
         }
         Ok(got.len())
     })
+}
+
+/// One `recvmmsg` (`receive`) under tokio's readiness. A short batch, fewer datagrams than
+/// slots, shows that the queue was empty when the kernel returned, so readiness is cleared
+/// there and then (as tokio does for a short read on a stream) and the caller's next try
+/// returns `WouldBlock` without the system call that would only say `EAGAIN`. With one datagram
+/// per wake-up, as each call's socket has, that halves the receive calls. No wake-up is lost: a
+/// datagram arriving after the call raises a fresh edge that tokio's readiness tick keeps.
+fn receive_once<R>(
+    socket: &tokio::net::UdpSocket,
+    receive: impl FnOnce() -> io::Result<Vec<R>>,
+) -> io::Result<Vec<R>> {
+    let mut short = None;
+    let got = socket.try_io(tokio::io::Interest::READABLE, || {
+        let got = receive()?;
+        if got.len() < RECV_SLOTS {
+            short = Some(got);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(got)
+    });
+    match (got, short) {
+        (_, Some(got)) => Ok(got),
+        (got, None) => got,
+    }
 }
 
 /// The original destination a transparent socket reports for a datagram.
@@ -541,13 +566,16 @@ mod tests {
         }
     }
 
-    #[test]
-    fn bursts_are_received_whole_in_order_with_their_senders_then_would_block() {
-        let rt = tokio::runtime::Builder::new_current_thread()
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .expect("runtime");
-        rt.block_on(async {
+            .expect("runtime")
+    }
+
+    #[test]
+    fn bursts_are_received_whole_in_order_with_their_senders_then_would_block() {
+        runtime().block_on(async {
             let rx = tokio::net::UdpSocket::bind("127.0.0.1:0")
                 .await
                 .expect("bind");
@@ -588,13 +616,65 @@ mod tests {
     }
 
     #[test]
+    fn a_short_burst_clears_readiness_and_the_next_datagram_still_wakes_the_reader() {
+        runtime().block_on(async {
+            let rx = tokio::net::UdpSocket::bind("127.0.0.1:0")
+                .await
+                .expect("rx");
+            let to = rx.local_addr().expect("addr");
+            let tx = UdpSocket::bind("127.0.0.1:0").expect("tx");
+            let recv = |rx: &tokio::net::UdpSocket| recv_burst(rx, false, |_, _, _| {});
+            tx.send_to(b"one", to).expect("send");
+            rx.readable().await.expect("readable");
+            assert_eq!(recv(&rx).expect("one datagram"), 1);
+            // Sent before the runtime polls its driver again: the short burst has cleared
+            // readiness, so the reader does not ask the kernel (an unchanged `recv_burst` would
+            // have found this datagram with a second `recvmmsg`)...
+            tx.send_to(b"two", to).expect("send");
+            let e = recv(&rx).expect_err("readiness cleared");
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+            // ... and the datagram's own edge wakes it.
+            tokio::time::timeout(Duration::from_secs(2), rx.readable())
+                .await
+                .expect("the second datagram wakes the reader")
+                .expect("readable");
+            assert_eq!(recv(&rx).expect("two"), 1);
+
+            // No datagram waits unnoticed while another thread sends at random moments (at
+            // most 100 ahead of the reader, so none overflows the receive buffer).
+            let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let seen = taken.clone();
+            let sender = std::thread::spawn(move || {
+                for i in 0..3_000usize {
+                    while i >= seen.load(std::sync::atomic::Ordering::Relaxed) + 100 {
+                        std::thread::sleep(Duration::from_micros(20));
+                    }
+                    let _ = tx.send_to(&i.to_be_bytes(), to);
+                    if i % 7 == 0 {
+                        std::thread::sleep(Duration::from_micros((i % 50) as u64));
+                    }
+                }
+            });
+            let mut got = 0;
+            while got < 3_000 {
+                match tokio::time::timeout(Duration::from_secs(2), rx.readable()).await {
+                    Ok(r) => r.expect("readable"),
+                    Err(_) => panic!("stalled after {got} of 3000 datagrams"),
+                }
+                while let Ok(n) = recv(&rx) {
+                    got += n;
+                }
+                taken.store(got, std::sync::atomic::Ordering::Relaxed);
+            }
+            sender.join().expect("sender");
+            assert_eq!(got, 3_000);
+        });
+    }
+
+    #[test]
     fn recvmmsg_reports_each_datagrams_original_destination() {
         use nix::sys::socket::{setsockopt, sockopt};
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
+        runtime().block_on(async {
             // Families in turn on one thread: each keeps its own headers.
             for (any, v6) in [
                 ("127.0.0.1:0", false),
