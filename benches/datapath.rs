@@ -12,8 +12,9 @@
 //! simulated calls held (see `scale.rs`), and memory per idle association.
 //!
 //! `BENCH_PATHS_ONLY=1` stops after the per-path table (no calls, no idle associations).
-//! `BENCH_BLAST=RATE[,RATE…]` only sends 1200 B packets through the SOCKS5 path at each rate and
-//! prints where any were lost (kernel UDP overflow counters, the sidecar's status).
+//! `BENCH_BLAST=RATE[,RATE…]` only sends 1200 B packets through the SOCKS5 path (and, as root,
+//! the transparent path) at each rate and prints where any were lost (kernel UDP overflow
+//! counters and the sockets that overflowed, per namespace; the sidecar's status).
 //! `BENCH_CALLS=N[,N…]` only runs the simulated calls, with N calls each (with `BENCH_PROFILE`,
 //! profiled into FILE.calls).
 //! `BENCH_PROFILE=FILE` also records a `perf` call graph of the two daemons during the CPU phase
@@ -526,10 +527,23 @@ fn cpu_per_packet(path: Arc<dyn Path2>, cpu_seconds: &dyn Fn() -> Vec<f64>) -> V
     runs.get(runs.len() / 2).cloned().unwrap_or_default()
 }
 
+/// `/proc/net/FILE` as seen in network namespace `ns` (None: this one); empty if unreadable.
+fn proc_net(ns: Option<&str>, file: &str) -> String {
+    let path = format!("/proc/net/{file}");
+    match ns {
+        None => std::fs::read_to_string(&path).unwrap_or_default(),
+        Some(ns) => Command::new("ip")
+            .args(["netns", "exec", ns, "cat", &path])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default(),
+    }
+}
+
 /// The kernel's UDP error counters (`/proc/net/snmp`): receive errors, of which buffer
 /// overflows, and send buffer overflows.
-fn udp_errors() -> [u64; 3] {
-    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+fn udp_errors(ns: Option<&str>) -> [u64; 3] {
+    let snmp = proc_net(ns, "snmp");
     let mut rows = snmp.lines().filter(|l| l.starts_with("Udp:"));
     let (names, values) = (rows.next().unwrap_or(""), rows.next().unwrap_or(""));
     let field = |name: &str| {
@@ -547,23 +561,59 @@ fn udp_errors() -> [u64; 3] {
     ]
 }
 
+/// The UDP sockets (IPv4, local address) that have dropped datagrams, with their counts, from
+/// `/proc/net/udp` in `ns` (the whole namespace, not only veil's).
+fn dropping_sockets(ns: Option<&str>) -> Vec<String> {
+    let table = proc_net(ns, "udp");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let drops: u64 = fields.last()?.parse().ok()?;
+            let (ip, port) = fields.get(1)?.split_once(':')?;
+            let ip = std::net::Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?.swap_bytes());
+            let port = u16::from_str_radix(port, 16).ok()?;
+            (drops > 0).then(|| format!("{ip}:{port} {drops}"))
+        })
+        .collect()
+}
+
 /// `BENCH_BLAST=RATE[,RATE…]`: where 1200 B packets are lost on the SOCKS5 path at each rate
 /// (2 s each): the kernel's UDP overflow counters and the sidecar's own counters.
-fn diagnose_loss(path: &Arc<dyn Path2>, rates: &str, control: &Path) {
+fn diagnose_loss(
+    path: &Arc<dyn Path2>,
+    rates: &str,
+    control: &Path,
+    namespaces: &[Option<String>],
+) {
     for rate in rates
         .split(',')
         .filter_map(|r| r.trim().parse::<u64>().ok())
     {
-        let before = udp_errors();
+        let errors = || -> Vec<[u64; 3]> {
+            namespaces
+                .iter()
+                .map(|ns| udp_errors(ns.as_deref()))
+                .collect()
+        };
+        let before = errors();
         let (sent, got) = blast(path.clone(), rate, 1200, 2.0);
-        let after = udp_errors();
+        let after = errors();
         println!(
-            "{rate} pkt/s: sent {sent}, echoed {got}, lost {}; kernel UDP receive errors {}, of which buffer overflows {}, send buffer overflows {}",
-            sent - got.min(sent),
-            after[0] - before[0],
-            after[1] - before[1],
-            after[2] - before[2]
+            "{rate} pkt/s: sent {sent}, echoed {got}, lost {}",
+            sent - got.min(sent)
         );
+        for ((ns, after), before) in namespaces.iter().zip(&after).zip(&before) {
+            println!(
+                "  kernel UDP counters ({}): receive errors {}, of which buffer overflows {}, send buffer overflows {}; sockets that dropped (since they opened): {}",
+                ns.as_deref().unwrap_or("this namespace"),
+                after[0] - before[0],
+                after[1] - before[1],
+                after[2] - before[2],
+                dropping_sockets(ns.as_deref()).join(", ")
+            );
+        }
     }
     let status = Command::new(env!("CARGO_BIN_EXE_veil"))
         .arg("status")
@@ -692,7 +742,21 @@ fn main() {
         .expect("timeout");
     let socks: Arc<dyn Path2> = Arc::new(socks);
     if let Ok(rates) = std::env::var("BENCH_BLAST") {
-        diagnose_loss(&socks, &rates, &dir.path().join("sidecar-control"));
+        println!("SOCKS5 path:");
+        diagnose_loss(&socks, &rates, &dir.path().join("sidecar-control"), &[None]);
+        match transparent::start(&dir.path().join("pki"), dir.path()) {
+            Ok(t) => {
+                println!("transparent path:");
+                let namespaces = t.namespaces().map(Some);
+                diagnose_loss(
+                    &t.app(),
+                    &rates,
+                    &dir.path().join("sidecar-t-control"),
+                    &namespaces,
+                );
+            }
+            Err(why) => println!("transparent path not measured: {why}"),
+        }
         return;
     }
     phase("veil started", t0);

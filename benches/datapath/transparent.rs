@@ -84,6 +84,11 @@ impl Transparent {
         Arc::new(Direct { socket })
     }
 
+    /// The namespaces: the app's, both daemons' and the router's near side; the echo's.
+    pub(crate) fn namespaces(&self) -> [String; 2] {
+        [self.topology.ns("c"), self.topology.ns("e")]
+    }
+
     /// An unmodified app's socket: `nobody`'s, intercepted.
     pub(crate) fn app(&self) -> Arc<dyn Path2> {
         self.socket(Some(65534))
