@@ -15,11 +15,15 @@ const ROOT_ECHO: &str = "203.0.113.2:7001";
 
 /// A plain UDP sender (no proxy support): one datagram per payload, waits for each echo.
 const SENDER: &str = r#"
-import socket, sys
+import socket, sys, time
 host, port = sys.argv[1], int(sys.argv[2])
 s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
 s.settimeout(float(sys.argv[3]))
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
 for p in sys.argv[4:]:
+    if p.startswith("sleep:"):
+        time.sleep(float(p[6:]))
+        continue
     if p.startswith("burst:"):
         # burst:N:SIZE — N datagrams back to back, then their echoes, checked in order.
         _, n, size = p.split(":")
@@ -207,6 +211,17 @@ fn managed_user_is_intercepted_and_relayed_root_is_untouched() {
     let lines = send_as(&t, Some("nobody"), MANAGED_ECHO, "3", &["burst:60:1200"]);
     assert_eq!(lines, [format!("burst {MANAGED_ECHO} 60/60 intact")]);
 
+    // A backlog (the daemon was busy; here, stopped) is taken whole: the listener lets the
+    // app socket's task empty its queue between rounds instead of overfilling it.
+    let seen = managed_echo.seen().len();
+    let burst = burst_while_stopped(&t, &sidecar, 400);
+    assert_eq!(
+        managed_echo.seen().len() - seen,
+        401,
+        "the peer got only part of the backlog (the first is the warm-up); the app got {burst}"
+    );
+    assert_eq!(burst, format!("burst {MANAGED_ECHO} 400/400 intact"));
+
     // root is not managed: its UDP goes out directly from 192.0.2.2.
     assert_root_untouched(&t, &root_echo);
 
@@ -228,6 +243,31 @@ fn managed_user_is_intercepted_and_relayed_root_is_untouched() {
     drop(sidecar);
     firewall_remove(&t);
     drop(relay);
+}
+
+/// As `nobody`: one datagram to open the app socket's bind, then, while the sidecar is stopped,
+/// `n` datagrams back to back, which wait in the listener's socket; then the sidecar goes on.
+/// Returns the sender's line for the burst.
+fn burst_while_stopped(t: &Topology, sidecar: &Sidecar, n: usize) -> String {
+    use std::io::BufRead;
+    let (host, port) = MANAGED_ECHO.rsplit_once(':').expect("target");
+    let mut sender = t
+        .command("c", "setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .args(["/usr/bin/python3", "-c", SENDER, host, port, "5", "warm"])
+        .args(["sleep:1", &format!("burst:{n}:64")])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sender");
+    let mut lines = std::io::BufReader::new(sender.stdout.take().expect("stdout")).lines();
+    let warm = lines.next().and_then(Result::ok).unwrap_or_default();
+    assert_eq!(warm, format!("reply {MANAGED_ECHO} warm"));
+    sidecar.signal("STOP");
+    std::thread::sleep(Duration::from_millis(1_500));
+    sidecar.signal("CONT");
+    let burst = lines.next().and_then(Result::ok).unwrap_or_default();
+    let _ = sender.wait();
+    burst
 }
 
 /// Sends as the managed user and asserts that nothing comes back and nothing leaks.

@@ -453,6 +453,8 @@ impl UdpEcho {
         socket
             .set_read_timeout(Some(Duration::from_millis(50)))
             .expect("timeout");
+        // Room for a backlog of hundreds of small datagrams (the kernel caps it at rmem_max).
+        let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(4 << 20);
         let addr = socket.local_addr().expect("addr");
         let stop = Arc::new(AtomicBool::new(false));
         let seen: Seen = Arc::new(Mutex::new(Vec::new()));
