@@ -502,6 +502,8 @@ fn a_users_packet_rate_is_capped_and_the_excess_counted() {
     let log = open.stop();
     assert_eq!(replies, 100, "the default quota passes a burst of 100");
     assert_eq!(final_count(&log, "dropped_quota"), 0);
+    // Each echo the client got was counted once on its way in.
+    assert_eq!(final_count(&log, "datagrams_in"), replies);
 
     let capped = relay_with(
         &pki,
@@ -516,6 +518,7 @@ fn a_users_packet_rate_is_capped_and_the_excess_counted() {
     );
     let dropped = final_count(&log, "dropped_quota");
     assert!(dropped >= 80, "{dropped} counted over quota");
+    assert_eq!(final_count(&log, "datagrams_in"), replies);
 }
 
 /// The public port of a bind, from the client's `public ADDR` line.

@@ -1189,30 +1189,43 @@ fn handle_capsules(shared: &Shared, tunnel: &Tunnel, buf: &mut Vec<u8>) -> Resul
 }
 
 /// Drains the bind's socket into datagrams to the client, a burst per `recvmmsg`. Err if the
-/// connection is gone.
+/// connection is gone. The shared `datagrams_in` counter is added to once per wake-up, not per
+/// datagram (the relay's threads share it).
 fn to_client(
     shared: &Shared,
     conn: &quinn::Connection,
     tunnel: &Tunnel,
     quarter: u64,
 ) -> Result<(), ()> {
+    let mut sent = 0;
+    let mut outcome = Ok(());
     for _ in 0..4 {
         let mut lost = false;
         let received = crate::batch::recv_burst(&tunnel.socket, tunnel.v6, |from, slot, n| {
             let payload = slot.get(HEADROOM..HEADROOM + n).unwrap_or_default();
-            lost = lost || one_to_client(shared, conn, tunnel, quarter, from, payload).is_err();
+            match one_to_client(shared, conn, tunnel, quarter, from, payload) {
+                Ok(true) => sent += 1,
+                Ok(false) => {}
+                Err(()) => lost = true,
+            }
         });
         if lost {
-            return Err(());
+            outcome = Err(());
+            break;
         }
         if received.is_err() {
-            return Ok(());
+            break;
         }
     }
-    Ok(())
+    shared
+        .counters
+        .datagrams_in
+        .fetch_add(sent, Ordering::Relaxed);
+    outcome
 }
 
-/// One datagram from a peer: checked, charged, and sent to the client.
+/// One datagram from a peer: checked, charged, and sent to the client (true) or dropped and
+/// counted (false). Err if the connection is gone.
 fn one_to_client(
     shared: &Shared,
     conn: &quinn::Connection,
@@ -1220,7 +1233,7 @@ fn one_to_client(
     quarter: u64,
     from: SocketAddr,
     payload: &[u8],
-) -> Result<(), ()> {
+) -> Result<bool, ()> {
     let c = &shared.counters;
     let from = SocketAddr::new(from.ip().to_canonical(), from.port());
     let (context, compressed) = match &tunnel.mode {
@@ -1233,20 +1246,20 @@ fn one_to_client(
                     .is_ok_and(|p| p.contains(&from.ip()))
             {
                 bump(&c.dropped_inbound_filter);
-                return Ok(());
+                return Ok(false);
             }
             match contexts.lock().ok().and_then(|t| t.to_client(from)) {
                 Some(found) => found,
                 None => {
                     bump(&c.dropped_unknown);
-                    return Ok(());
+                    return Ok(false);
                 }
             }
         }
     };
     if !tunnel.usage.charge(payload.len()) {
         bump(&c.dropped_quota);
-        return Ok(());
+        return Ok(false);
     }
     tunnel.active.store(shared.millis(), Ordering::Relaxed);
     let mut datagram = Vec::with_capacity(HEADROOM + payload.len());
@@ -1256,10 +1269,10 @@ fn one_to_client(
     }
     datagram.extend_from_slice(payload);
     match conn.send_datagram(Bytes::from(datagram)) {
-        Ok(()) => bump(&c.datagrams_in),
+        Ok(()) => return Ok(true),
         Err(quinn::SendDatagramError::TooLarge) => bump(&c.dropped_too_large),
         Err(quinn::SendDatagramError::ConnectionLost(_)) => return Err(()),
         Err(_) => bump(&c.dropped_unknown),
     }
-    Ok(())
+    Ok(false)
 }
