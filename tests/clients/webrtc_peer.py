@@ -4,7 +4,7 @@ usage: webrtc_peer.py ROLE SIGNAL_DIR STUN_URL SECONDS
 ROLE is `offer` or `answer`. Session descriptions are exchanged as files in SIGNAL_DIR (the
 test harness is the signalling channel). Each side sends a 440/660 Hz tone and prints one JSON
 line: ICE/connection state, set-up time, frames and RMS of the audio it received, and the
-candidates it offered.
+candidates it offered. Once connected it writes ROLE.connected in SIGNAL_DIR.
 """
 import array
 import asyncio
@@ -84,6 +84,8 @@ async def main():
     def on_state():
         if pc.connectionState == "connected" and "t" not in connected_at:
             connected_at["t"] = time.time()
+            # For a harness that must act only once the call is up (faults *during* a call).
+            write_file(os.path.join(signal_dir, role + ".connected"), {"t": connected_at["t"]})
 
     @pc.on("track")
     def on_track(track):
