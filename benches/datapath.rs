@@ -20,6 +20,9 @@
 //! `BENCH_PROFILE=FILE` also records a `perf` call graph of the two daemons during the CPU phase
 //! (the transparent path's into FILE.transparent).
 
+#[allow(dead_code, unreachable_pub)]
+#[path = "../tests/support/dante.rs"]
+mod dante;
 #[allow(dead_code, unreachable_pub)] // the benchmark uses the topology, not the captures
 #[path = "../tests/support/netns.rs"]
 mod netns;
@@ -732,6 +735,33 @@ fn main() {
     let mut splits = Vec::new();
     drop(quinn_path);
     phase("quinn closed", t0);
+
+    // The nearest peer, in the same run: Dante's SOCKS5 UDP relay (one hop, no tunnel, no
+    // encryption), its CPU summed over all its processes.
+    match dante::Dante::start() {
+        Ok(d) => {
+            let path = Socks::open(d.addr, echo.addr);
+            path.socket
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .expect("timeout");
+            let path: Arc<dyn Path2> = Arc::new(path);
+            let rtt = round_trips(path.as_ref(), 200, pings);
+            let cap = capacity(path.clone(), 1200);
+            let cpu = cpu_per_packet(path, &|| {
+                vec![d.pids().into_iter().map(proc_cpu_seconds).sum()]
+            });
+            let rss = d.pids().into_iter().map(|p| proc_kib(p, "VmHWM:")).sum();
+            rows.push((
+                "Dante SOCKS5 UDP relay (peer)".into(),
+                rtt,
+                cap,
+                Some(cpu.iter().sum()),
+                Some(rss),
+            ));
+            phase("Dante", t0);
+        }
+        Err(why) => eprintln!("Dante not measured: {why}"),
+    }
 
     let dir = tempfile::tempdir().expect("tempdir");
     let veil = start_veil(dir.path());

@@ -5,71 +5,10 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::process::Command;
+use support::dante::{Dante, free_port};
 use support::{Sidecar, UdpEcho, client_script, pysocks_udp, python};
-
-struct Dante {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Dante {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn spawn_dante() -> Dante {
-    let danted = ["/usr/sbin/danted", "/usr/sbin/sockd"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .expect("Dante is not installed: tests/run.sh installs dante-server");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let conf = dir.path().join("danted.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "internal: 127.0.0.1 port = {port}\nexternal: 127.0.0.1\nsocksmethod: none\nclientmethod: none\n\
-             user.unprivileged: nobody\nclient pass {{ from: 127.0.0.0/8 to: 0/0 }}\n\
-             socks pass {{ from: 0/0 to: 0/0 command: bind connect udpassociate }}\n\
-             socks pass {{ from: 0/0 to: 0/0 command: bindreply udpreply }}\n"
-        ),
-    )
-    .expect("write config");
-    let child = Command::new(danted)
-        .arg("-f")
-        .arg(&conf)
-        .arg("-p")
-        .arg(dir.path().join("pid"))
-        .args(["-N", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn danted");
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(std::time::Instant::now() < deadline, "danted did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Dante {
-        child,
-        addr,
-        _dir: dir,
-    }
-}
 
 fn probe(server: SocketAddr, closed_port: u16) -> BTreeMap<String, String> {
     let out = Command::new(python())
@@ -97,7 +36,7 @@ fn probe(server: SocketAddr, closed_port: u16) -> BTreeMap<String, String> {
 fn veil_and_dante_side_by_side() {
     let echo = UdpEcho::spawn("127.0.0.1:0");
     let closed = free_port();
-    let dante = spawn_dante();
+    let dante = Dante::start().expect("Dante");
     let veil = Sidecar::builder()
         .policy(
             "default.toml",

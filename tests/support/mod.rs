@@ -2,6 +2,7 @@
 //! echo server, the pinned Python client environment. Everything spawned is torn down on drop.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod dante;
 pub mod netns;
 
 pub use netns::in_netns;
