@@ -399,7 +399,7 @@ async fn app(
                     while let Some(Ok((n, peer))) = direct.as_ref().map(|s| s.try_recv_from(buf)) {
                         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                         let policy = shared.policy.load();
-                        match association.admit_peer(peer, Verdict::Direct, &policy, &user) {
+                        match association.admit_peer(peer, &[], Verdict::Direct, &policy, &user) {
                             Ok(app) => match replies.socket(peer).and_then(|s| s.send_to(buf.get(..n).unwrap_or_default(), &app.into())) {
                                 Ok(_) => { shared.counters.datagrams_in.fetch_add(1, Ordering::Relaxed); }
                                 Err(_) => shared.counters.drop(DropReason::SendFailed),
@@ -432,7 +432,7 @@ fn deliver_relayed(
     let sent = crate::batch::send_bursts(|bursts| {
         let mut sent = crate::batch::Sent::default();
         for (peer, payload) in crate::tunnel::burst(first, bind) {
-            let admitted = association.admit_peer(peer, Verdict::Relay, &policy, user);
+            let admitted = association.admit_peer(peer, &payload, Verdict::Relay, &policy, user);
             match admitted.map(|app| (app, replies.socket(peer))) {
                 Ok((app, Ok(socket))) => {
                     sent += bursts.push(&socket, Some(app), payload.len(), |b| {

@@ -149,11 +149,20 @@ struct Masked {
 
 impl Masked {
     fn start() -> Self {
+        Self::with_relay("")
+    }
+
+    /// With `extra` lines in the relay's configuration.
+    fn with_relay(extra: &str) -> Self {
         let t = topology();
         let pki = Pki::generate(RELAY_IP);
         let relay = spawn_relay(
             Some(&t.ns("l")),
-            &pki.relay_config("relay.toml", RELAY, "allow = [\"203.0.113.128/25\"]\n"),
+            &pki.relay_config(
+                "relay.toml",
+                RELAY,
+                &format!("allow = [\"203.0.113.128/25\"]\n{extra}"),
+            ),
         );
         let stun = Stun::start(&t);
         Self {
@@ -168,7 +177,7 @@ impl Masked {
 }
 
 fn peer(t: &Topology, role: &str, which: &str, signal: &std::path::Path, seconds: u32) -> Child {
-    peer_with(t, role, which, signal, seconds, 5)
+    peer_with(t, role, which, signal, seconds, 5, true)
 }
 
 fn peer_with(
@@ -178,6 +187,7 @@ fn peer_with(
     signal: &std::path::Path,
     seconds: u32,
     frame_timeout: u32,
+    stun: bool,
 ) -> Child {
     let script = std::fs::read_to_string(support::client_script("webrtc_peer.py")).expect("script");
     t.command(role, "setpriv")
@@ -187,7 +197,11 @@ fn peer_with(
         .arg(script)
         .arg(which)
         .arg(signal)
-        .arg(format!("stun:{STUN}:3478"))
+        .arg(if stun {
+            format!("stun:{STUN}:3478")
+        } else {
+            "none".to_owned()
+        })
         .arg(seconds.to_string())
         .env("PEER_FRAME_TIMEOUT", frame_timeout.to_string())
         .stdout(Stdio::piped())
@@ -343,6 +357,38 @@ fn webrtc_call_between_two_masked_users_leaks_nothing() {
     drop(m);
 }
 
+/// A caller with no server-reflexive candidate (no STUN server: host candidates only) reaches
+/// a masked peer when the relay is full cone (`inbound_filter = "endpoint-independent"`): her
+/// first connectivity check arrives at bob's bind unsolicited, from her relay address, and ICE
+/// learns it as a peer-reflexive candidate. The sidecar admits such a packet when the policy
+/// relays its sender, so the relay's filter setting is what decides, end to end.
+#[test]
+fn a_host_only_caller_reaches_a_masked_peer_through_a_full_cone_relay() {
+    let _ = call_python();
+    let _serial = one_at_a_time();
+    let m = Masked::with_relay("inbound_filter = \"endpoint-independent\"\n");
+    let t = &m.t;
+    let leaks = Capture::start_all(t, "r", &leak_filter());
+    let signal = open_dir();
+    let offer = peer_with(t, "a", "offer", signal.path(), 5, 5, false);
+    let answer = peer(t, "b", "answer", signal.path(), 5);
+    let (a, b) = (outcome(offer), outcome(answer));
+    let leaked = leaks.stop();
+    assert!(
+        a.candidates.iter().all(|c| c.contains("typ host")),
+        "alice must offer host candidates only: {a:?}"
+    );
+    if (a.state.as_str(), b.state.as_str()) != ("connected", "connected") {
+        panic!(
+            "the call did not set up\n{a:?}\n{b:?}\nbob's sidecar:\n{}",
+            m._bob.status()
+        );
+    }
+    assert!(a.frames > 150 && b.frames > 150, "{a:?}\n{b:?}");
+    assert!(leaked.is_empty(), "{leaked:?}");
+    drop(m);
+}
+
 /// The oracle itself: the same call with no veil in the way is seen leaking.
 #[test]
 fn the_leak_oracle_sees_an_unprotected_call() {
@@ -424,8 +470,24 @@ fn faults_during_a_call() {
                 | "alice's sidecar killed and restarted"
         );
         let (seconds, frame_timeout) = if survives { (28, 20) } else { (10, 6) };
-        let offer = peer_with(&t, "a", "offer", signal.path(), seconds, frame_timeout);
-        let answer = peer_with(&t, "b", "answer", signal.path(), seconds, frame_timeout);
+        let offer = peer_with(
+            &t,
+            "a",
+            "offer",
+            signal.path(),
+            seconds,
+            frame_timeout,
+            true,
+        );
+        let answer = peer_with(
+            &t,
+            "b",
+            "answer",
+            signal.path(),
+            seconds,
+            frame_timeout,
+            true,
+        );
         // The fault comes once the call is up and media has flowed a moment: a fixed wait was
         // once too short in CI, the relay went dark during alice's ICE gathering, and without
         // a server-reflexive candidate of hers the call could not set up (the relay's inbound

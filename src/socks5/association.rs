@@ -196,13 +196,19 @@ impl Association {
         })
     }
 
-    /// Admits a datagram from peer `from` that arrived `via` a path (`Direct`: an outbound
-    /// socket; `Relay`: the tunnel): it must be a flow of this association whose verdict, under
-    /// the policy in force, is that path, and the client must be known. Returns the client's
-    /// address.
+    /// Admits `datagram` from peer `from` that arrived `via` a path (`Direct`: an outbound
+    /// socket; `Relay`: the tunnel), once the client is known. Returns the client's address.
+    ///
+    /// From a flow of this association: if its verdict, under the policy in force, is that
+    /// path. From any other peer: only through the relay, and only if the policy would relay
+    /// to that peer. Filtering unsolicited senders there is the relay's job (its
+    /// `inbound_filter`: TURN-like permissions by default, or full cone), and a peer-reflexive
+    /// ICE candidate depends on it. Such a peer is judged, not recorded: it becomes a flow
+    /// when the client answers it, so senders the client ignores cannot fill its flow table.
     pub fn admit_peer(
         &mut self,
         from: SocketAddr,
+        datagram: &[u8],
         via: Verdict,
         policy: &PolicyVersion,
         user: &User,
@@ -210,7 +216,17 @@ impl Association {
         let client = self.client.ok_or(DropReason::UnknownPeer)?;
         let from = canonical(from);
         if !self.flows.contains_key(&from) {
-            return Err(DropReason::UnknownPeer);
+            let relayed = via == Verdict::Relay
+                && policy
+                    .policy
+                    .decide(user, &Target::udp(from, datagram))
+                    .verdict
+                    == Verdict::Relay;
+            return if relayed {
+                Ok(client)
+            } else {
+                Err(DropReason::UnknownPeer)
+            };
         }
         if self.decide(from, &[], policy, user)?.decision.verdict == via {
             Ok(client)
@@ -302,34 +318,80 @@ mod tests {
         a.decide(addr("10.1.1.1:9"), b"x", &p1, &user)
             .expect("decided");
         assert_eq!(
-            a.admit_peer(addr("10.1.1.1:9"), Verdict::Direct, &p1, &user),
+            a.admit_peer(addr("10.1.1.1:9"), b"x", Verdict::Direct, &p1, &user),
             Err(DropReason::UnknownPeer)
         );
         a.admit_client(addr("127.0.0.1:4000")).expect("client");
         assert_eq!(
-            a.admit_peer(addr("10.1.1.1:9"), Verdict::Direct, &p1, &user),
+            a.admit_peer(addr("10.1.1.1:9"), b"x", Verdict::Direct, &p1, &user),
             Ok(addr("127.0.0.1:4000"))
         );
         assert_eq!(
-            a.admit_peer(addr("10.1.1.1:10"), Verdict::Direct, &p1, &user),
+            a.admit_peer(addr("10.1.1.1:10"), b"x", Verdict::Direct, &p1, &user),
             Err(DropReason::UnknownPeer)
         );
         a.decide(addr("8.8.8.8:9"), b"x", &p1, &user)
             .expect("decided");
         assert_eq!(
-            a.admit_peer(addr("8.8.8.8:9"), Verdict::Direct, &p1, &user),
+            a.admit_peer(addr("8.8.8.8:9"), b"x", Verdict::Direct, &p1, &user),
             Err(DropReason::UnknownPeer)
         );
         // After a reload that makes the flow `relay`, its replies stop too.
         let p2 = version(LAN_RELAY, 2);
         assert_eq!(
-            a.admit_peer(addr("10.1.1.1:9"), Verdict::Direct, &p2, &user),
+            a.admit_peer(addr("10.1.1.1:9"), b"x", Verdict::Direct, &p2, &user),
             Err(DropReason::UnknownPeer)
         );
         // ... and they are admitted from the tunnel instead.
         assert_eq!(
-            a.admit_peer(addr("10.1.1.1:9"), Verdict::Relay, &p2, &user),
+            a.admit_peer(addr("10.1.1.1:9"), b"x", Verdict::Relay, &p2, &user),
             Ok(addr("127.0.0.1:4000"))
         );
+    }
+    #[test]
+    fn an_unsolicited_peer_is_admitted_only_through_the_relay_when_policy_relays_it() {
+        let user = User::new("u", []);
+        // 10/8 relayed, 192.168/16 direct, everything else blocked.
+        let p = version(
+            &format!(
+                "{LAN_RELAY}[[rule]]\nname = \"home\"\nverdict = \"direct\"\nnetworks = [\"192.168.0.0/16\"]\n"
+            ),
+            1,
+        );
+        let mut a = Association::new("127.0.0.1".parse().expect("ip"), 2);
+        // Not before the client is known.
+        assert_eq!(
+            a.admit_peer(addr("10.1.1.1:9"), b"x", Verdict::Relay, &p, &user),
+            Err(DropReason::UnknownPeer)
+        );
+        a.admit_client(addr("127.0.0.1:4000")).expect("client");
+        // A relayed peer the client never sent to (a peer-reflexive ICE candidate): admitted.
+        assert_eq!(
+            a.admit_peer(addr("10.1.1.1:9"), b"x", Verdict::Relay, &p, &user),
+            Ok(addr("127.0.0.1:4000"))
+        );
+        // Not from a direct socket, nor a peer the policy blocks or sends direct.
+        for (peer, via) in [
+            ("10.1.1.1:9", Verdict::Direct),
+            ("8.8.8.8:9", Verdict::Relay),
+            ("192.168.1.1:9", Verdict::Relay),
+        ] {
+            assert_eq!(
+                a.admit_peer(addr(peer), b"x", via, &p, &user),
+                Err(DropReason::UnknownPeer),
+                "{peer} via {via:?}"
+            );
+        }
+        // Judged, not recorded: any number of them leaves the flow table (limit 2) alone.
+        for port in 1..100 {
+            let from = SocketAddr::new("10.2.2.2".parse().expect("ip"), port);
+            assert!(a.admit_peer(from, b"x", Verdict::Relay, &p, &user).is_ok());
+        }
+        assert_eq!(a.flow_count(), 0);
+        a.decide(addr("10.1.1.1:9"), b"x", &p, &user)
+            .expect("decided");
+        a.decide(addr("10.3.3.3:9"), b"x", &p, &user)
+            .expect("decided");
+        assert_eq!(a.flow_count(), 2);
     }
 }

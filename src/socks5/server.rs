@@ -931,10 +931,13 @@ impl Relay<'_> {
         let sent = crate::batch::send_batched(&self.client_socket, |batch| {
             let mut sent = crate::batch::Sent::default();
             for (peer, payload) in crate::tunnel::burst(first, self.bind.as_mut()) {
-                match self
-                    .association
-                    .admit_peer(peer, Verdict::Relay, &policy, &self.user)
-                {
+                match self.association.admit_peer(
+                    peer,
+                    &payload,
+                    Verdict::Relay,
+                    &policy,
+                    &self.user,
+                ) {
                     Ok(client) => {
                         let len = codec::datagram_header_len(peer) + payload.len();
                         sent += batch.push(&self.client_socket, Some(client), len, |out| {
@@ -1002,17 +1005,19 @@ impl Relay<'_> {
                     Err(_) => return,
                 };
                 let policy = shared.policy.load();
-                let client =
-                    match self
-                        .association
-                        .admit_peer(from, Verdict::Direct, &policy, &self.user)
-                    {
-                        Ok(client) => client,
-                        Err(reason) => {
-                            shared.counters.drop(reason);
-                            continue;
-                        }
-                    };
+                let client = match self.association.admit_peer(
+                    from,
+                    &[],
+                    Verdict::Direct,
+                    &policy,
+                    &self.user,
+                ) {
+                    Ok(client) => client,
+                    Err(reason) => {
+                        shared.counters.drop(reason);
+                        continue;
+                    }
+                };
                 let from = super::association::canonical(from);
                 let start = HEADROOM - codec::datagram_header_len(from);
                 let mut header = Vec::with_capacity(HEADROOM);

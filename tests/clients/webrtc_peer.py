@@ -1,6 +1,7 @@
 """One side of a WebRTC audio call with aiortc (real ICE, STUN, DTLS-SRTP, Opus).
 
 usage: webrtc_peer.py ROLE SIGNAL_DIR STUN_URL SECONDS
+(STUN_URL `none`: no STUN server, host candidates only.)
 ROLE is `offer` or `answer`. Session descriptions are exchanged as files in SIGNAL_DIR (the
 test harness is the signalling channel). Each side sends a 440/660 Hz tone and prints one JSON
 line: ICE/connection state, set-up time, frames and RMS of the audio it received, and the
@@ -73,7 +74,8 @@ def started_wall():
 
 async def main():
     role, signal_dir, stun, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(urls=stun)]))
+    servers = [] if stun == "none" else [RTCIceServer(urls=stun)]
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
     pc.addTrack(Tone(440 if role == "offer" else 660))
     result = {"role": role, "frames": 0, "rms": 0.0, "start": started_wall()}
     received = asyncio.get_running_loop().create_future()
