@@ -6,7 +6,7 @@ mod support;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
-use support::{Sidecar, UdpEcho, pysocks_udp};
+use support::{Pki, Sidecar, UdpEcho, pysocks_udp, spawn_relay};
 
 fn policy_for(echo_direct: SocketAddr, blocked: SocketAddr) -> String {
     format!(
@@ -339,4 +339,60 @@ fn reload_changes_live_flows_and_a_bad_policy_changes_nothing() {
     assert!(!h.ping(b"3"), "a flow the new policy blocks must stop");
     let cut = ["verdict=block", "default.toml fallback"];
     assert!(h.sidecar.wait_log(&cut, Duration::from_secs(2)).is_some());
+}
+
+/// Through the relay, who may reach a SOCKS5 client is the relay's `inbound_filter`, end to end.
+/// Under the default (TURN-like permissions by IP), a sender at an IP the client has sent to
+/// gets through from any port — as a peer-reflexive ICE candidate needs — and is handed to the
+/// client with its own address; a sender at any other IP is dropped at the relay.
+#[test]
+fn relayed_replies_come_from_any_port_of_a_contacted_ip_and_no_other_ip() {
+    let pki = Pki::generate("localhost");
+    let relay = spawn_relay(
+        None,
+        &pki.relay_config("relay.toml", "127.0.0.1:0", "allow = [\"127.0.0.0/8\"]\n"),
+    );
+    let echo = UdpEcho::spawn("127.0.0.2:0");
+    let sidecar = Sidecar::builder()
+        .policy("default.toml", "fallback = \"relay\"\n")
+        .relay(pki.link(relay.addr, "localhost"))
+        .spawn();
+    assert!(
+        sidecar
+            .wait_log(&["tunnel connected"], Duration::from_secs(10))
+            .is_some()
+    );
+    let (_control, udp) = associate(sidecar.addr);
+    let client = UdpSocket::bind("127.0.0.1:0").expect("client");
+    client
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    client
+        .send_to(&datagram(0, echo.addr, b"hello"), udp)
+        .expect("send");
+    let reply = recv(&client).expect("the echo through the relay");
+    assert!(reply.ends_with(b"hello"));
+    let public = echo.seen()[0].0;
+    assert_eq!(public.ip().to_string(), "127.0.0.1", "the relay's address");
+
+    // Same IP as the echo, another port: never sent to, admitted.
+    let neighbour = UdpSocket::bind("127.0.0.2:0").expect("neighbour");
+    neighbour.send_to(b"knock", public).expect("send");
+    let got = recv(&client).expect("a sender at a contacted IP reaches the client");
+    assert_eq!(
+        got,
+        datagram(0, neighbour.local_addr().expect("addr"), b"knock")
+    );
+    // Another IP: dropped at the relay.
+    let stranger = UdpSocket::bind("127.0.0.3:0").expect("stranger");
+    for _ in 0..3 {
+        stranger.send_to(b"let me in", public).expect("send");
+    }
+    assert_eq!(recv(&client), None, "a stranger got through");
+    drop(sidecar);
+    let log = relay.stop().join("\n");
+    assert!(
+        log.contains("counter=\"dropped_inbound_filter\" value=3"),
+        "{log}"
+    );
 }
