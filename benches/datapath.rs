@@ -28,6 +28,8 @@ mod dante;
 mod netns;
 #[path = "datapath/scale.rs"]
 mod scale;
+#[path = "datapath/shadowsocks.rs"]
+mod shadowsocks;
 #[path = "datapath/transparent.rs"]
 mod transparent;
 
@@ -695,7 +697,6 @@ fn main() {
     }
     let pings = if quick() { 500 } else { 5000 };
     let echo = Echo::start("127.0.0.2:0");
-    type Row = (String, (f64, f64, f64), u64, Option<f64>, Option<u64>);
     let mut rows: Vec<Row> = Vec::new();
 
     let direct = Direct {
@@ -736,31 +737,35 @@ fn main() {
     drop(quinn_path);
     phase("quinn closed", t0);
 
-    // The nearest peer, in the same run: Dante's SOCKS5 UDP relay (one hop, no tunnel, no
-    // encryption), its CPU summed over all its processes.
+    // The nearest peers, in the same run: Dante's SOCKS5 UDP relay (one hop, no tunnel, no
+    // encryption) and, if built, shadowsocks-rust (veil's shape); CPU summed over their
+    // processes.
     match dante::Dante::start() {
         Ok(d) => {
-            let path = Socks::open(d.addr, echo.addr);
-            path.socket
-                .set_read_timeout(Some(Duration::from_millis(200)))
-                .expect("timeout");
-            let path: Arc<dyn Path2> = Arc::new(path);
-            let rtt = round_trips(path.as_ref(), 200, pings);
-            let cap = capacity(path.clone(), 1200);
-            let cpu = cpu_per_packet(path, &|| {
-                vec![d.pids().into_iter().map(proc_cpu_seconds).sum()]
-            });
-            let rss = d.pids().into_iter().map(|p| proc_kib(p, "VmHWM:")).sum();
-            rows.push((
-                "Dante SOCKS5 UDP relay (peer)".into(),
-                rtt,
-                cap,
-                Some(cpu.iter().sum()),
-                Some(rss),
+            rows.push(socks_peer(
+                "Dante SOCKS5 UDP relay (peer)",
+                d.addr,
+                &echo,
+                pings,
+                &|| d.pids(),
             ));
             phase("Dante", t0);
         }
         Err(why) => eprintln!("Dante not measured: {why}"),
+    }
+    match shadowsocks::Shadowsocks::start() {
+        Ok(ss) => {
+            let pids = ss.pids().to_vec();
+            rows.push(socks_peer(
+                "shadowsocks-rust sslocal → ssserver, aes-128-gcm (peer)",
+                ss.addr,
+                &echo,
+                pings,
+                &|| pids.clone(),
+            ));
+            phase("shadowsocks-rust", t0);
+        }
+        Err(why) => eprintln!("shadowsocks-rust not measured: {why}"),
     }
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -940,6 +945,34 @@ fn main() {
         "idle associations: {n} opened; {:.0} bytes each (sidecar {sidecar_bytes:.0} + relay {relay_bytes:.0}, RSS growth)",
         sidecar_bytes + relay_bytes
     );
+}
+
+/// A row of the paths table: name, round trip p50/p99/p999, lossless rate, CPU per echoed
+/// packet, peak RSS (KiB).
+type Row = (String, (f64, f64, f64), u64, Option<f64>, Option<u64>);
+
+/// Measures a SOCKS5 UDP peer (another project's proxy) at `proxy` as the veil paths are
+/// measured: its CPU and peak RSS summed over `pids` (read again at each sample, as the set
+/// can change).
+fn socks_peer(
+    name: &str,
+    proxy: SocketAddr,
+    echo: &Echo,
+    pings: usize,
+    pids: &dyn Fn() -> Vec<u32>,
+) -> Row {
+    let path = Socks::open(proxy, echo.addr);
+    path.socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let path: Arc<dyn Path2> = Arc::new(path);
+    let rtt = round_trips(path.as_ref(), 200, pings);
+    let cap = capacity(path.clone(), 1200);
+    let cpu = cpu_per_packet(path, &|| {
+        vec![pids().into_iter().map(proc_cpu_seconds).sum()]
+    });
+    let rss = pids().into_iter().map(|p| proc_kib(p, "VmHWM:")).sum();
+    (name.into(), rtt, cap, Some(cpu.iter().sum()), Some(rss))
 }
 
 /// The simulated calls' table: one row per step.
