@@ -348,6 +348,7 @@ mod tests {
             Ok(addr("127.0.0.1:4000"))
         );
     }
+
     #[test]
     fn an_unsolicited_peer_is_admitted_only_through_the_relay_when_policy_relays_it() {
         let user = User::new("u", []);
