@@ -1,5 +1,6 @@
 //! The side-by-side data-path benchmark (issue 6): direct UDP, a raw quinn DATAGRAM connection,
-//! and veil's SOCKS5 path (PySocks-shaped client → `veil sidecar` → QUIC/MASQUE → `veil relay`
+//! veil's shape with nothing of veil in it (`shape.rs`), the peers (Dante, shadowsocks-rust if
+//! built), and veil's SOCKS5 path (PySocks-shaped client → `veil sidecar` → QUIC/MASQUE → `veil relay`
 //! → UDP echo), all on loopback, in one run.
 //!
 //! Run: `cargo bench --bench datapath` (release build; a few minutes; loopback only; every loop
@@ -30,6 +31,8 @@ mod netns;
 mod scale;
 #[path = "datapath/shadowsocks.rs"]
 mod shadowsocks;
+#[path = "datapath/shape.rs"]
+mod shape;
 #[path = "datapath/transparent.rs"]
 mod transparent;
 
@@ -425,6 +428,26 @@ fn start_veil(dir: &Path) -> Veil {
     }
 }
 
+/// A QUIC server and client configuration with veil's transport settings and a fresh PKI.
+fn quinn_configs() -> (quinn::ServerConfig, quinn::ClientConfig) {
+    let set = veil::pki::generate(&["localhost".into()], &["c".into()]).expect("pki");
+    let ca = veil::pki::certificates(&set.ca_cert_pem, "ca").expect("ca");
+    let server = veil::pki::server_config(
+        veil::pki::certificates(&set.relay.cert_pem, "r").expect("cert"),
+        veil::pki::private_key(&set.relay.key_pem, "k").expect("key"),
+        &ca,
+    )
+    .expect("server");
+    let (_, id) = &set.clients[0];
+    let client = veil::pki::client_config(
+        &ca,
+        veil::pki::certificates(&id.cert_pem, "c").expect("cert"),
+        veil::pki::private_key(&id.key_pem, "k").expect("key"),
+    )
+    .expect("client");
+    (server, client)
+}
+
 /// A raw quinn DATAGRAM echo: the tunnel's ceiling.
 struct RawQuinn {
     _runtime: tokio::runtime::Runtime,
@@ -440,15 +463,8 @@ impl RawQuinn {
             .enable_all()
             .build()
             .expect("runtime");
+        let (server_cfg, client_cfg) = quinn_configs();
         let (conn, rx) = runtime.block_on(async {
-            let set = veil::pki::generate(&["localhost".into()], &["c".into()]).expect("pki");
-            let ca = veil::pki::certificates(&set.ca_cert_pem, "ca").expect("ca");
-            let server_cfg = veil::pki::server_config(
-                veil::pki::certificates(&set.relay.cert_pem, "r").expect("cert"),
-                veil::pki::private_key(&set.relay.key_pem, "k").expect("key"),
-                &ca,
-            )
-            .expect("server");
             let server = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse().expect("addr"))
                 .expect("endpoint");
             let addr = server.local_addr().expect("addr");
@@ -461,13 +477,6 @@ impl RawQuinn {
                     }
                 }
             });
-            let (_, id) = &set.clients[0];
-            let client_cfg = veil::pki::client_config(
-                &ca,
-                veil::pki::certificates(&id.cert_pem, "c").expect("cert"),
-                veil::pki::private_key(&id.key_pem, "k").expect("key"),
-            )
-            .expect("client");
             let mut client =
                 quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
             client.set_default_client_config(client_cfg);
@@ -732,10 +741,32 @@ fn main() {
         Some(cpu.iter().sum()),
         None,
     ));
-    // Each veil path's CPU split between its sidecar and relay.
+    // Each path's CPU split between its sidecar and relay ends.
     let mut splits = Vec::new();
     drop(quinn_path);
     phase("quinn closed", t0);
+
+    // veil's shape with nothing of veil: what any proxy of this shape pays on this machine.
+    let shape_path = Arc::new(shape::Shape::start(echo.addr));
+    let shape_path: Arc<dyn Path2> = shape_path;
+    let rtt = round_trips(shape_path.as_ref(), 200, pings);
+    let cap = capacity(shape_path.clone(), 1200);
+    let cpu = cpu_per_packet(shape_path.clone(), &|| {
+        vec![
+            thread_cpu_seconds(shape::SIDE_THREAD),
+            thread_cpu_seconds(shape::RELAY_THREAD),
+        ]
+    });
+    rows.push((
+        "veil's shape, nothing of veil: UDP → quinn DATAGRAM → UDP".into(),
+        rtt,
+        cap,
+        Some(cpu.iter().sum()),
+        None,
+    ));
+    splits.push(("shape", cpu));
+    drop(shape_path);
+    phase("shape", t0);
 
     // The nearest peers, in the same run: Dante's SOCKS5 UDP relay (one hop, no tunnel, no
     // encryption) and, if built, shadowsocks-rust (veil's shape); CPU summed over their
@@ -933,7 +964,9 @@ fn main() {
     println!("{floor_note}");
     for (path, parts) in &splits {
         if let [sidecar, relay] = parts.as_slice() {
-            println!("{path} CPU per echoed packet: sidecar {sidecar:.1} µs + relay {relay:.1} µs");
+            println!(
+                "{path} CPU per echoed packet: sidecar end {sidecar:.1} µs + relay end {relay:.1} µs"
+            );
         }
     }
     print_calls(&results);
