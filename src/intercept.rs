@@ -8,11 +8,12 @@
 //! Replies reach the app from a transparent socket bound to the peer's address, so the app sees
 //! its peer, never veil.
 
+use crate::binding::{BindEvent, Binding, Sent};
 use crate::identity;
 use crate::policy::{User, Verdict};
 use crate::socks5::association::{Association, DropReason};
 use crate::socks5::server::{Handle, Shared, log_decision, send_now, take_session_slot};
-use crate::tunnel::{Bind, SendError, TunnelState};
+use crate::tunnel::Bind;
 use bytes::Bytes;
 use nix::sys::socket::{setsockopt, sockopt};
 use std::collections::HashMap;
@@ -28,7 +29,7 @@ use tracing::{debug, info, warn};
 
 /// How long an app socket may be silent before its task (and relay bind) ends.
 const APP_IDLE: Duration = Duration::from_secs(120);
-/// Datagrams queued per app socket while its task is busy (e.g. opening the bind).
+/// Datagrams queued per app socket while its task is busy or waits for its relay bind to open.
 const APP_QUEUE: usize = 256;
 /// Transparent reply sockets kept open (one per peer address).
 const MAX_REPLY_SOCKETS: usize = 4096;
@@ -256,13 +257,6 @@ fn owner(source: SocketAddr, destination: SocketAddr) -> Option<User> {
     identity::user_of_uid(uid).ok()
 }
 
-async fn next_relayed(bind: Option<&mut Bind>) -> Option<(SocketAddr, Bytes)> {
-    match bind {
-        Some(b) => b.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
 async fn direct_readable(socket: Option<&UdpSocket>) -> io::Result<()> {
     match socket {
         Some(s) => s.readable().await,
@@ -295,41 +289,24 @@ async fn app(
     };
     let mut association = Association::new(source.ip(), limits.max_flows_per_association);
     let _ = association.admit_client(source);
-    // The public port this app socket had (before a restart, say), asked for again.
-    let mut public_port = ports.get(source);
-    let mut bind = match &shared.config.tunnel {
-        Some(t) if t.state() == TunnelState::Connected => {
-            let open = t.open_bind(user.name(), public_port);
-            match tokio::time::timeout(Duration::from_secs(3), open).await {
-                Ok(Ok(b)) => Some(b),
-                Ok(Err(e)) => {
-                    warn!(user = %user, client = %source, error = %e, "relay bind failed; relayed traffic is dropped");
-                    None
-                }
-                Err(_) => {
-                    warn!(user = %user, client = %source, "relay bind timed out; relayed traffic is dropped");
-                    None
-                }
-            }
-        }
-        _ => None,
-    };
-    let public = bind.as_ref().map(|b| b.public_address().to_string());
-    info!(user = %user, client = %source, relay_public = public.as_deref().unwrap_or("none"), "app socket intercepted");
+    // Opened in the background, with the public port this app socket had (before a restart,
+    // say); the first datagrams wait for it (`Binding`).
+    let tunnel = shared.config.tunnel.as_ref();
+    let mut binding = Binding::new(None, ports.get(source));
+    binding.open(tunnel, user.name());
+    info!(user = %user, client = %source, "app socket intercepted");
     let live = shared.registry.open(user.name(), source, "transparent");
     let mut direct: Option<UdpSocket> = None;
-    if let Some(b) = &bind {
-        public_port = Some(b.public_address().port());
-        ports.set(source, public_port);
-    }
     // Checked now and then rather than a timer re-armed for every packet.
     let mut idle_check = tokio::time::interval(APP_IDLE / 8);
     let mut last_active = Instant::now();
     loop {
+        binding.open(tunnel, user.name());
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = idle_check.tick() => if last_active.elapsed() >= APP_IDLE { break },
-            packet = rx.recv() => {
+            // While a bind opens, datagrams past the few it holds wait in the queue.
+            packet = rx.recv(), if !binding.is_holding_full() => {
                 let Some((target, payload)) = packet else { break };
                 last_active = Instant::now();
                 let policy = shared.policy.load();
@@ -350,29 +327,10 @@ async fn app(
                     continue;
                 }
                 if decision.decision.verdict == Verdict::Relay {
-                    if bind.is_none()
-                        && let Some(t) = &shared.config.tunnel
-                        && t.state() == TunnelState::Connected
-                    {
-                        bind = match tokio::time::timeout(Duration::from_secs(3), t.open_bind(user.name(), public_port)).await {
-                            Ok(Ok(b)) => {
-                                info!(user = %user, client = %source, public = %b.public_address(), "relay bind open");
-                                public_port = Some(b.public_address().port());
-                                ports.set(source, public_port);
-                                Some(b)
-                            }
-                            Ok(Err(e)) => {
-                                warn!(user = %user, client = %source, error = %e, "relay bind failed; relayed traffic is dropped");
-                                None
-                            }
-                            Err(_) => None,
-                        };
-                    }
-                    match bind.as_mut().map(|b| b.send(target, &payload)) {
-                        Some(Ok(())) => { shared.counters.relayed_out.fetch_add(1, Ordering::Relaxed); }
-                        Some(Err(SendError::TooLarge)) => shared.counters.drop(DropReason::TooLarge),
-                        Some(Err(SendError::Closed)) => { bind = None; shared.counters.drop(DropReason::RelayUnavailable); }
-                        None => shared.counters.drop(DropReason::RelayUnavailable),
+                    match binding.send(tunnel, user.name(), target, &payload) {
+                        Ok(Sent::Now) => { shared.counters.relayed_out.fetch_add(1, Ordering::Relaxed); }
+                        Ok(Sent::Held) => {}
+                        Err(reason) => shared.counters.drop(reason),
                     }
                     continue;
                 }
@@ -385,12 +343,22 @@ async fn app(
                     _ => shared.counters.drop(DropReason::SendFailed),
                 }
             }
-            inbound = next_relayed(bind.as_mut()) => match inbound {
-                Some(first) => {
+            event = binding.event() => match event {
+                BindEvent::Datagram(first) => {
                     last_active = Instant::now();
-                    deliver_relayed(shared, &user, &mut association, &replies, bind.as_mut(), first);
+                    deliver_relayed(shared, &user, &mut association, &replies, binding.bind_mut(), first);
                 }
-                None => bind = None,
+                BindEvent::Closed => info!(user = %user, client = %source, "relay bind closed; relayed traffic is dropped until a new one opens"),
+                BindEvent::Opened { public, sent, dropped } => {
+                    info!(user = %user, client = %source, public = %public, held_sent = sent, "relay bind open");
+                    ports.set(source, Some(public.port()));
+                    shared.counters.relayed_out.fetch_add(sent, Ordering::Relaxed);
+                    shared.counters.drop_n(DropReason::RelayUnavailable, dropped);
+                }
+                BindEvent::Failed { error, dropped } => {
+                    warn!(user = %user, client = %source, error = %error, "relay bind failed; relayed traffic is dropped");
+                    shared.counters.drop_n(DropReason::RelayUnavailable, dropped);
+                }
             },
             r = direct_readable(direct.as_ref()) => {
                 if r.is_err() { direct = None; continue; }

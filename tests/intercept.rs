@@ -231,15 +231,9 @@ fn managed_user_is_intercepted_and_relayed_root_is_untouched() {
         "managed UDP left the client directly: {leaked:?}"
     );
     let line = sidecar
-        .wait_log(
-            &["app socket intercepted", "user=nobody"],
-            Duration::from_secs(1),
-        )
+        .wait_log(&["relay bind open", "user=nobody"], Duration::from_secs(1))
         .expect("logged");
-    assert!(
-        line.contains(&format!("relay_public=\"{}\"", sources[0])),
-        "{line}"
-    );
+    assert!(line.contains(&format!("public={} ", sources[0])), "{line}");
     drop(sidecar);
     firewall_remove(&t);
     drop(relay);
@@ -774,4 +768,83 @@ fn a_managed_users_session_gets_no_unsolicited_udp_once_its_slice_appears() {
     firewall_remove(&t);
     drop(relay);
     drop(slice);
+}
+
+/// After a relay restart, an unmodified app's next datagram on the same socket is held while
+/// the socket's new bind opens, then relayed from the same public port.
+#[test]
+fn an_app_sockets_first_datagram_after_a_relay_restart_waits_for_its_new_bind() {
+    let t = topology();
+    let pki = Pki::generate(RELAY_IP);
+    let relay = start_relay(&t, &pki);
+    let echo = UdpEcho::spawn_in(Some(&t.ns("e")), MANAGED_ECHO);
+    let config = sidecar_config(&pki, pki.dir.path());
+    let sidecar = start_connected(&t, &config);
+    assert!(
+        sidecar
+            .wait_log(&["transparent interception ready"], Duration::from_secs(10))
+            .is_some()
+    );
+    let capture = leak_capture(&t);
+    let (lines, restarted) = std::thread::scope(|s| {
+        // One socket: a datagram, a pause long enough for the relay to be restarted (and the
+        // sidecar to notice), another datagram.
+        let app = s.spawn(|| {
+            send_as(
+                &t,
+                Some("nobody"),
+                MANAGED_ECHO,
+                "4",
+                &["before", "sleep:6", "after"],
+            )
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while echo.seen().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        relay.kill();
+        std::thread::sleep(Duration::from_secs(1));
+        let relay = start_relay(&t, &pki);
+        let by = std::time::Instant::now() + Duration::from_secs(4);
+        let connects = || {
+            let log = sidecar.log();
+            let closed = log.iter().any(|l| l.contains("relay bind closed"));
+            closed as usize
+                * log
+                    .iter()
+                    .filter(|l| l.contains("tunnel connected"))
+                    .count()
+        };
+        while connects() < 2 && std::time::Instant::now() < by {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let restarted = connects() >= 2;
+        (app.join().expect("app"), (restarted, relay))
+    });
+    let (restarted, relay) = restarted;
+    assert!(
+        restarted,
+        "the sidecar had not reconnected before the app sent again: {:?}",
+        sidecar.log()
+    );
+    assert_eq!(
+        lines,
+        ["before", "after"].map(|p| format!("reply {MANAGED_ECHO} {p}"))
+    );
+    let mut ports: Vec<u16> = echo.seen().iter().map(|(from, _)| from.port()).collect();
+    ports.dedup();
+    assert_eq!(
+        ports.len(),
+        1,
+        "one public port across the restart: {ports:?}"
+    );
+    let leaked = capture.stop();
+    assert!(
+        leaked.is_empty(),
+        "managed UDP left the client directly: {leaked:?}"
+    );
+    let log = sidecar.stop().join("\n");
+    assert!(log.contains("held_sent=1"), "{log}");
+    firewall_remove(&t);
+    drop(relay);
 }

@@ -319,3 +319,80 @@ fn relay_killed_mid_stream_fails_closed_then_recovers() {
     assert!(!dropped.ends_with("value=0"), "{dropped}");
     drop(relay);
 }
+
+/// After a relay restart an app's first datagram — usually an ICE check, which the app will not
+/// send again for a while — is held while a new bind opens, then sent from the same public port:
+/// not dropped, and never sent any other way.
+#[test]
+fn the_first_datagram_after_a_relay_restart_waits_for_the_new_bind() {
+    use std::io::{BufRead, Write};
+    let t = topology();
+    let echo = UdpEcho::spawn_in(Some(&t.ns("e")), ECHO_1);
+    let Masked {
+        _pki,
+        config,
+        relay,
+        sidecar,
+    } = Masked::start(&t);
+    let capture = leak_capture(&t);
+    let mut client = t
+        .command("c", python())
+        .arg(support::client_script("pysocks_udp.py"))
+        .args([
+            &sidecar.addr.ip().to_string(),
+            &sidecar.addr.port().to_string(),
+            "--timeout",
+            "4",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("pysocks client");
+    let mut to_client = client.stdin.take().expect("stdin");
+    let mut from_client = std::io::BufReader::new(client.stdout.take().expect("stdout")).lines();
+    let mut exchange = |payload: &str| {
+        writeln!(to_client, "{ECHO_1}:{payload}").expect("to client");
+        from_client.next().and_then(Result::ok).unwrap_or_default()
+    };
+    assert_eq!(exchange("before"), format!("reply {ECHO_1} before"));
+
+    relay.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    let relay = spawn_relay(Some(&t.ns("l")), &config);
+    // The sidecar notices the silence, connects to the new relay, and its old bind ends.
+    let closed = sidecar.wait_log(&["relay bind closed"], Duration::from_secs(15));
+    assert!(closed.is_some(), "the sidecar saw its bind end");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while sidecar
+        .log()
+        .iter()
+        .filter(|l| l.contains("tunnel connected"))
+        .count()
+        < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tunnel did not come back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(exchange("after"), format!("reply {ECHO_1} after"));
+    drop(to_client);
+    let _ = client.wait();
+
+    let leaked = capture.stop();
+    assert!(
+        leaked.is_empty(),
+        "UDP left the client other than to the relay: {leaked:?}"
+    );
+    let mut ports: Vec<u16> = echo.seen().iter().map(|(from, _)| from.port()).collect();
+    ports.dedup();
+    assert_eq!(
+        ports.len(),
+        1,
+        "one public port across the restart: {ports:?}"
+    );
+    let log = sidecar.stop().join("\n");
+    assert!(log.contains("held_sent=1"), "{log}");
+    drop(relay);
+}

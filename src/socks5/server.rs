@@ -7,10 +7,11 @@
 use super::association::{Association, DropReason, PolicyVersion};
 use super::codec::{self, Address, Command, Method, Reply};
 use super::passwords::PasswordFile;
+use crate::binding::{BindEvent, Binding, Sent};
 use crate::identity;
 use crate::policy::{Decision, Policy, Target, User, Verdict};
 use crate::rate::TokenBucket;
-use crate::tunnel::{self, Bind, OpenError, SendError, Tunnel, TunnelState};
+use crate::tunnel::{self, OpenError, Tunnel, TunnelState};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::io;
@@ -692,18 +693,9 @@ struct Relay<'a> {
     names: HashMap<(String, u16), SocketAddr>,
     max_names: usize,
     /// The association's bind on the relay: one public address for all its relayed peers.
-    bind: Option<Bind>,
-    /// A bind request under way.
-    opening: Option<tokio::task::JoinHandle<Result<Bind, OpenError>>>,
-    /// When the last bind request started, and on which tunnel connection (retries at most
-    /// once a second on the same connection; at once after a reconnect).
-    last_attempt: Option<(Instant, u64)>,
-    /// A relayed packet found no bind: open one.
-    want_bind: bool,
+    binding: Binding,
     /// The client-facing socket is IPv6.
     v6: bool,
-    /// The public port of the last bind, asked for again when a new one opens.
-    public_port: Option<u16>,
     /// This association in the status registry.
     live: crate::status::LiveSession,
     /// Which socket [`poll_ready`] looks at first.
@@ -737,24 +729,6 @@ fn outbound_socket(v6: bool) -> io::Result<UdpSocket> {
 /// almost always is; when its buffer is full the datagram is dropped, as the network would).
 pub(crate) fn send_now(socket: &UdpSocket, payload: &[u8], to: SocketAddr) -> io::Result<usize> {
     socket2::SockRef::from(socket).send_to(payload, &to.into())
-}
-
-async fn next_relayed(bind: Option<&mut Bind>) -> Option<(SocketAddr, bytes::Bytes)> {
-    match bind {
-        Some(b) => b.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn opened(
-    opening: Option<&mut tokio::task::JoinHandle<Result<Bind, OpenError>>>,
-) -> Result<Bind, OpenError> {
-    match opening {
-        Some(handle) => handle
-            .await
-            .unwrap_or_else(|e| Err(OpenError::Failed(e.to_string()))),
-        None => std::future::pending().await,
-    }
 }
 
 /// Which of an association's sockets has something to read.
@@ -903,23 +877,16 @@ impl Relay<'_> {
         }
     }
 
-    /// Sends through the relay, or drops: never direct.
+    /// Sends through the relay (or holds while a bind opens), or drops: never direct.
     fn relay(&mut self, target: SocketAddr, payload: &[u8]) {
         let counters = &self.shared.counters;
-        let Some(bind) = self.bind.as_mut() else {
-            self.want_bind = true;
-            return counters.drop(DropReason::RelayUnavailable);
-        };
-        match bind.send(target, payload) {
-            Ok(()) => {
+        let tunnel = self.shared.config.tunnel.as_ref();
+        match self.binding.send(tunnel, self.user.name(), target, payload) {
+            Ok(Sent::Now) => {
                 counters.relayed_out.fetch_add(1, Ordering::Relaxed);
             }
-            Err(SendError::TooLarge) => counters.drop(DropReason::TooLarge),
-            Err(SendError::Closed) => {
-                self.bind = None;
-                self.want_bind = true;
-                counters.drop(DropReason::RelayUnavailable);
-            }
+            Ok(Sent::Held) => {}
+            Err(reason) => counters.drop(reason),
         }
     }
 
@@ -930,7 +897,7 @@ impl Relay<'_> {
         let policy = shared.policy.load();
         let sent = crate::batch::send_batched(&self.client_socket, |batch| {
             let mut sent = crate::batch::Sent::default();
-            for (peer, payload) in crate::tunnel::burst(first, self.bind.as_mut()) {
+            for (peer, payload) in crate::tunnel::burst(first, self.binding.bind_mut()) {
                 match self.association.admit_peer(
                     peer,
                     &payload,
@@ -955,31 +922,34 @@ impl Relay<'_> {
         c.drop_n(DropReason::SendFailed, sent.failed);
     }
 
-    /// Starts a bind request if one is wanted and none is under way.
-    fn maybe_open_bind(&mut self) {
-        let Some(tunnel) = &self.shared.config.tunnel else {
-            return;
-        };
-        let connection = tunnel.counters().connects.load(Ordering::Relaxed);
-        let recently = self
-            .last_attempt
-            .is_some_and(|(t, c)| c == connection && t.elapsed() < Duration::from_secs(1));
-        if !self.want_bind || self.bind.is_some() || self.opening.is_some() || recently {
-            return;
+    /// Asks for a bind if the association has none (see [`Binding::open`]).
+    fn open_bind(&mut self) {
+        self.binding
+            .open(self.shared.config.tunnel.as_ref(), self.user.name());
+    }
+
+    /// Counts and logs what happened to the association's bind.
+    fn on_bind_event(&mut self, client: SocketAddr, event: BindEvent) {
+        let (user, counters) = (&self.user, &self.shared.counters);
+        match event {
+            BindEvent::Datagram(first) => self.deliver_relayed(first),
+            BindEvent::Closed => {
+                info!(user = %user, client = %client, "relay bind closed; relayed traffic is dropped until a new one opens")
+            }
+            BindEvent::Opened {
+                public,
+                sent,
+                dropped,
+            } => {
+                info!(user = %user, client = %client, public = %public, held_sent = sent, "relay bind open");
+                counters.relayed_out.fetch_add(sent, Ordering::Relaxed);
+                counters.drop_n(DropReason::RelayUnavailable, dropped);
+            }
+            BindEvent::Failed { error, dropped } => {
+                warn!(user = %user, client = %client, error = %error, "relay bind failed; relayed traffic is dropped");
+                counters.drop_n(DropReason::RelayUnavailable, dropped);
+            }
         }
-        if tunnel.state() != TunnelState::Connected {
-            return;
-        }
-        self.want_bind = false;
-        self.last_attempt = Some((Instant::now(), connection));
-        let (tunnel, user, port) = (
-            tunnel.clone(),
-            self.user.name().to_owned(),
-            self.public_port,
-        );
-        self.opening = Some(tokio::spawn(
-            async move { tunnel.open_bind(&user, port).await },
-        ));
     }
 
     fn take_packet_token(&self, policy: &PolicyVersion) -> bool {
@@ -1082,7 +1052,7 @@ async fn associate<'a>(
         && tunnel.state() == TunnelState::Connected
     {
         match Box::pin(tokio::time::timeout(
-            Duration::from_secs(3),
+            crate::binding::OPEN_TIMEOUT,
             tunnel.open_bind(user.name(), None),
         ))
         .await
@@ -1110,13 +1080,9 @@ async fn associate<'a>(
         out_v6: None,
         names: HashMap::new(),
         max_names: usize::try_from(max_flows).unwrap_or(usize::MAX),
-        want_bind: shared.config.tunnel.is_some() && bind.is_none(),
         v6: bound.is_ipv6(),
-        public_port: bind.as_ref().map(|b| b.public_address().port()),
         live,
-        bind,
-        opening: None,
-        last_attempt: None,
+        binding: Binding::new(bind, None),
         turn: 0,
     };
     Ok((control, relay))
@@ -1140,7 +1106,7 @@ impl<'a> UdpSession<'a> {
     #[allow(clippy::manual_async_fn)]
     fn run(mut self) -> impl Future<Output = Result<(), SessionError>> + 'a {
         async move {
-            self.relay.maybe_open_bind();
+            self.relay.open_bind();
             loop {
                 tokio::select! {
                     biased;
@@ -1159,33 +1125,9 @@ impl<'a> UdpSession<'a> {
                         }
                         Ready::Peers { v6 } => self.relay.drain_peers(v6),
                     },
-                    d = next_relayed(self.relay.bind.as_mut()) => match d {
-                        Some(first) => self.relay.deliver_relayed(first),
-                        None => {
-                            info!(user = %self.relay.user, client = %self.peer, "relay bind closed; relayed traffic is dropped until a new one opens");
-                            self.relay.bind = None;
-                            self.relay.want_bind = true;
-                        }
-                    },
-                    r = opened(self.relay.opening.as_mut()) => {
-                        self.relay.opening = None;
-                        match r {
-                            Ok(bind) => {
-                                info!(user = %self.relay.user, client = %self.peer, public = %bind.public_address(), "relay bind open");
-                                self.relay.public_port = Some(bind.public_address().port());
-                                self.relay.bind = Some(bind);
-                            }
-                            Err(e) => {
-                                warn!(user = %self.relay.user, client = %self.peer, error = %e, "relay bind failed; relayed traffic is dropped");
-                                self.relay.want_bind = true;
-                            }
-                        }
-                    }
+                    event = self.relay.binding.event() => self.relay.on_bind_event(self.peer, event),
                 }
-                self.relay.maybe_open_bind();
-            }
-            if let Some(handle) = self.relay.opening.take() {
-                handle.abort();
+                self.relay.open_bind();
             }
             info!(user = %self.relay.user, client = %self.peer, flows = self.relay.association.flow_count(), "udp association closed");
             // Named so the loop's future owns it: an `async move` block captures only the

@@ -8,6 +8,9 @@ prints one line per target: `reply <from_host>:<from_port> <payload>` or `timeou
 With `--burst N --size S`, sends N datagrams of S bytes to each target back to back (PAYLOAD, a
 sequence number, padding), then reads N echoes and prints `burst <from> <got>/<N> <verdict>`:
 `intact` if every echo is the datagram sent, in order; else `reordered` or `corrupt`.
+
+With no TARGET arguments, reads them from standard input, one per line, and answers each before
+reading the next (so a test can time each send; the association stays open in between).
 """
 import argparse
 import socket
@@ -23,8 +26,8 @@ p.add_argument("--password")
 p.add_argument("--timeout", type=float, default=1.0)
 p.add_argument("--burst", type=int, default=0)
 p.add_argument("--size", type=int, default=1200)
-p.add_argument("sends", nargs="+")
-a = p.parse_args()
+p.add_argument("sends", nargs="*")
+a = p.parse_intermixed_args()  # options may come between the positionals
 
 s = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
 s.set_proxy(socks.SOCKS5, a.proxy_host, a.proxy_port, rdns=True, username=a.user, password=a.password)
@@ -49,7 +52,7 @@ def burst(host, port, payload):
     print(f"burst {frm[0]}:{frm[1]} {len(got)}/{len(sent)} {verdict}", flush=True)
 
 
-for send in a.sends:
+for send in a.sends or (line.strip() for line in sys.stdin):
     host, port, payload = send.rsplit(":", 2)
     host = host.strip("[]")
     if a.burst:
