@@ -4,10 +4,13 @@
 //! second on one tunnel connection, at once on a new one), with the public port of the last
 //! one. Relayed datagrams that arrive while a bind opens are held (a few) and sent when it is
 //! open — after a relay restart an app's first packets are usually ICE checks — never sent any
-//! other way: fail closed.
+//! other way: fail closed. Held datagrams were decided under the policy of their moment; if the
+//! policy is reloaded before the bind opens, they are dropped rather than sent on a stale
+//! decision.
 
-use crate::socks5::association::DropReason;
+use crate::socks5::association::{DropReason, PolicyVersion};
 use crate::tunnel::{Bind, OpenError, SendError, Tunnel, TunnelState};
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -33,7 +36,8 @@ pub(crate) struct Binding {
     last_attempt: Option<(Instant, u64)>,
     /// The public port of the last bind, asked for again.
     public_port: Option<u16>,
-    held: Vec<(SocketAddr, Bytes)>,
+    /// Target, payload, and the policy generation that decided to relay it.
+    held: Vec<(SocketAddr, Bytes, u64)>,
 }
 
 /// What became of a relayed datagram.
@@ -52,7 +56,8 @@ pub(crate) enum BindEvent {
     Datagram((SocketAddr, Bytes)),
     /// The bind ended (the relay closed it, or the connection was lost).
     Closed,
-    /// A bind is open at `public`; `sent` held datagrams went into the tunnel, `dropped` did not.
+    /// A bind is open at `public`; `sent` held datagrams went into the tunnel, `dropped` did not
+    /// (too large, or decided under a policy since reloaded).
     Opened {
         public: SocketAddr,
         sent: u64,
@@ -113,13 +118,14 @@ impl Binding {
     }
 
     /// Sends `payload` to `target` through the relay, or holds it while a bind opens (asking
-    /// for one if need be); never any other way.
+    /// for one if need be); never any other way. `generation`: the policy's that decided it.
     pub(crate) fn send(
         &mut self,
         tunnel: Option<&Tunnel>,
         user: &str,
         target: SocketAddr,
         payload: &[u8],
+        generation: u64,
     ) -> Result<Sent, DropReason> {
         if let Some(bind) = self.bind.as_mut() {
             match bind.send(target, payload) {
@@ -132,12 +138,17 @@ impl Binding {
         if self.opening.is_none() || self.held.len() >= HELD {
             return Err(DropReason::RelayUnavailable);
         }
-        self.held.push((target, Bytes::copy_from_slice(payload)));
+        self.held
+            .push((target, Bytes::copy_from_slice(payload), generation));
         Ok(Sent::Held)
     }
 
-    /// The next [`BindEvent`].
-    pub(crate) fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<BindEvent> {
+    /// The next [`BindEvent`]; `policy` tells whether held datagrams' decisions still stand.
+    pub(crate) fn poll_event(
+        &mut self,
+        cx: &mut Context<'_>,
+        policy: &ArcSwap<PolicyVersion>,
+    ) -> Poll<BindEvent> {
         if let Some(bind) = self.bind.as_mut()
             && let Poll::Ready(next) = bind.poll_recv(cx)
         {
@@ -161,9 +172,12 @@ impl Binding {
         Poll::Ready(
             match result.unwrap_or_else(|e| Err(OpenError::Failed(e.to_string()))) {
                 Ok(mut bind) => {
+                    let current = policy.load().generation;
                     let sent = held
                         .into_iter()
-                        .filter(|(target, payload)| bind.send(*target, payload).is_ok())
+                        .filter(|(target, payload, generation)| {
+                            *generation == current && bind.send(*target, payload).is_ok()
+                        })
                         .count() as u64;
                     dropped -= sent;
                     let public = bind.public_address();
@@ -181,8 +195,8 @@ impl Binding {
     }
 
     /// [`Binding::poll_event`] as a future.
-    pub(crate) async fn event(&mut self) -> BindEvent {
-        std::future::poll_fn(|cx| self.poll_event(cx)).await
+    pub(crate) async fn event(&mut self, policy: &ArcSwap<PolicyVersion>) -> BindEvent {
+        std::future::poll_fn(|cx| self.poll_event(cx, policy)).await
     }
 }
 

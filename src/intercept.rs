@@ -327,7 +327,7 @@ async fn app(
                     continue;
                 }
                 if decision.decision.verdict == Verdict::Relay {
-                    match binding.send(tunnel, user.name(), target, &payload) {
+                    match binding.send(tunnel, user.name(), target, &payload, policy.generation) {
                         Ok(Sent::Now) => { shared.counters.relayed_out.fetch_add(1, Ordering::Relaxed); }
                         Ok(Sent::Held) => {}
                         Err(reason) => shared.counters.drop(reason),
@@ -343,7 +343,7 @@ async fn app(
                     _ => shared.counters.drop(DropReason::SendFailed),
                 }
             }
-            event = binding.event() => match event {
+            event = binding.event(&shared.policy) => match event {
                 BindEvent::Datagram(first) => {
                     last_active = Instant::now();
                     deliver_relayed(shared, &user, &mut association, &replies, binding.bind_mut(), first);

@@ -131,15 +131,27 @@ fn start_relay(t: &Topology, pki: &Pki) -> support::Daemon {
     )
 }
 
-/// A sidecar in `c` whose tunnel is up.
+/// A sidecar in `c` whose tunnel is up and whose interception is in place.
 fn start_connected(t: &Topology, config: &std::path::Path) -> Sidecar {
     let sidecar = start_sidecar(t, config);
-    assert!(
-        sidecar
-            .wait_log(&["tunnel connected"], Duration::from_secs(10))
-            .is_some()
-    );
+    for ready in ["tunnel connected", "transparent interception ready"] {
+        assert!(
+            sidecar
+                .wait_log(&[ready], Duration::from_secs(10))
+                .is_some(),
+            "{ready}"
+        );
+    }
     sidecar
+}
+
+/// A relay, the managed user's echo, and a sidecar with its tunnel and interception up.
+fn start_managed(t: &Topology) -> (Pki, support::Daemon, UdpEcho, Sidecar) {
+    let pki = Pki::generate(RELAY_IP);
+    let relay = start_relay(t, &pki);
+    let echo = UdpEcho::spawn_in(Some(&t.ns("e")), MANAGED_ECHO);
+    let sidecar = start_connected(t, &sidecar_config(&pki, pki.dir.path()));
+    (pki, relay, echo, sidecar)
 }
 
 /// UDP on the client's link that is neither tunnel traffic nor root's own test flow.
@@ -775,16 +787,7 @@ fn a_managed_users_session_gets_no_unsolicited_udp_once_its_slice_appears() {
 #[test]
 fn an_app_sockets_first_datagram_after_a_relay_restart_waits_for_its_new_bind() {
     let t = topology();
-    let pki = Pki::generate(RELAY_IP);
-    let relay = start_relay(&t, &pki);
-    let echo = UdpEcho::spawn_in(Some(&t.ns("e")), MANAGED_ECHO);
-    let config = sidecar_config(&pki, pki.dir.path());
-    let sidecar = start_connected(&t, &config);
-    assert!(
-        sidecar
-            .wait_log(&["transparent interception ready"], Duration::from_secs(10))
-            .is_some()
-    );
+    let (pki, relay, echo, sidecar) = start_managed(&t);
     let capture = leak_capture(&t);
     let (lines, restarted) = std::thread::scope(|s| {
         // One socket: a datagram, a pause long enough for the relay to be restarted (and the
@@ -845,6 +848,76 @@ fn an_app_sockets_first_datagram_after_a_relay_restart_waits_for_its_new_bind() 
     );
     let log = sidecar.stop().join("\n");
     assert!(log.contains("held_sent=1"), "{log}");
+    firewall_remove(&t);
+    drop(relay);
+}
+
+/// An app socket's first datagram waits while its bind is being opened (here the relay is
+/// stopped, so the request hangs), and goes out when the bind opens — unless the policy was
+/// reloaded meanwhile: then the decision it waited under no longer stands, and it is dropped.
+#[test]
+fn a_held_datagram_goes_out_when_its_bind_opens_unless_the_policy_changed_meanwhile() {
+    let t = topology();
+    let (_pki, relay, echo, sidecar) = start_managed(&t);
+    let capture = leak_capture(&t);
+    let count = |needle: &str| sidecar.log().iter().filter(|l| l.contains(needle)).count();
+    // One new app socket sends one datagram while the relay is stopped; `meanwhile` runs once
+    // the sidecar holds it, then the relay goes on. Returns what the app got.
+    let with_relay_stopped = |payload: &str, meanwhile: &dyn Fn()| {
+        let sockets = count("app socket intercepted");
+        std::thread::scope(|s| {
+            relay.signal("STOP");
+            let app = s.spawn(|| send_as(&t, Some("nobody"), MANAGED_ECHO, "4", &[payload]));
+            let by = std::time::Instant::now() + Duration::from_secs(3);
+            while count("app socket intercepted") == sockets && std::time::Instant::now() < by {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            meanwhile();
+            relay.signal("CONT");
+            app.join().expect("app")
+        })
+    };
+
+    let lines = with_relay_stopped("held", &|| ());
+    assert_eq!(lines, [format!("reply {MANAGED_ECHO} held")]);
+    assert_eq!(echo.seen().len(), 1);
+
+    let lines = with_relay_stopped("stale", &|| {
+        let reloads = count("policy reloaded");
+        std::fs::write(
+            sidecar.policy_path().join("default.toml"),
+            "fallback = \"relay\"\n[[rule]]\nname = \"no-echo\"\nverdict = \"block\"\nnetworks = [\"203.0.113.2/32\"]\n",
+        )
+        .expect("policy");
+        sidecar.hangup();
+        let by = std::time::Instant::now() + Duration::from_secs(2);
+        while count("policy reloaded") == reloads && std::time::Instant::now() < by {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    assert_eq!(lines, ["fail TimeoutError"]);
+    assert_eq!(
+        echo.seen().len(),
+        1,
+        "the held datagram was sent after the reload"
+    );
+
+    let leaked = capture.stop();
+    assert!(
+        leaked.is_empty(),
+        "managed UDP left the client directly: {leaked:?}"
+    );
+    let log = sidecar.stop().join("\n");
+    let opens: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("relay bind open"))
+        .collect();
+    assert_eq!(opens.len(), 2, "{log}");
+    assert!(
+        opens[0].contains("held_sent=1") && opens[1].contains("held_sent=0"),
+        "{opens:?}"
+    );
     firewall_remove(&t);
     drop(relay);
 }

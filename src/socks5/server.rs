@@ -848,7 +848,7 @@ impl Relay<'_> {
             return shared.counters.drop(DropReason::RateLimit);
         }
         if decision.decision.verdict == Verdict::Relay {
-            return self.relay(target, payload);
+            return self.relay(target, payload, policy.generation);
         }
         let target = super::association::canonical(target);
         let slot = if target.is_ipv4() {
@@ -878,10 +878,13 @@ impl Relay<'_> {
     }
 
     /// Sends through the relay (or holds while a bind opens), or drops: never direct.
-    fn relay(&mut self, target: SocketAddr, payload: &[u8]) {
+    fn relay(&mut self, target: SocketAddr, payload: &[u8], generation: u64) {
         let counters = &self.shared.counters;
         let tunnel = self.shared.config.tunnel.as_ref();
-        match self.binding.send(tunnel, self.user.name(), target, payload) {
+        match self
+            .binding
+            .send(tunnel, self.user.name(), target, payload, generation)
+        {
             Ok(Sent::Now) => {
                 counters.relayed_out.fetch_add(1, Ordering::Relaxed);
             }
@@ -1125,7 +1128,7 @@ impl<'a> UdpSession<'a> {
                         }
                         Ready::Peers { v6 } => self.relay.drain_peers(v6),
                     },
-                    event = self.relay.binding.event() => self.relay.on_bind_event(self.peer, event),
+                    event = self.relay.binding.event(&self.relay.shared.policy) => self.relay.on_bind_event(self.peer, event),
                 }
                 self.relay.open_bind();
             }
