@@ -8,7 +8,9 @@
 //! policy is reloaded before the bind opens, they are dropped rather than sent on a stale
 //! decision.
 
+use crate::policy::User;
 use crate::socks5::association::{DropReason, PolicyVersion};
+use crate::socks5::server::Counters;
 use crate::tunnel::{Bind, OpenError, SendError, Tunnel, TunnelState};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -19,6 +21,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
+use tracing::{info, warn};
 
 /// Relayed datagrams held while a bind opens; more are dropped.
 const HELD: usize = 16;
@@ -65,6 +68,32 @@ pub(crate) enum BindEvent {
     },
     /// The request failed; `dropped` held datagrams are dropped.
     Failed { error: OpenError, dropped: u64 },
+}
+
+impl BindEvent {
+    /// Logs and counts what happened to the bind of `client`'s socket (a datagram is the
+    /// caller's to deliver).
+    pub(crate) fn record(&self, counters: &Counters, user: &User, client: SocketAddr) {
+        match self {
+            Self::Datagram(_) => {}
+            Self::Closed => {
+                info!(user = %user, client = %client, "relay bind closed; relayed traffic is dropped until a new one opens")
+            }
+            Self::Opened {
+                public,
+                sent,
+                dropped,
+            } => {
+                info!(user = %user, client = %client, public = %public, held_sent = sent, "relay bind open");
+                counters.relayed_out.fetch_add(*sent, Ordering::Relaxed);
+                counters.drop_n(DropReason::RelayUnavailable, *dropped);
+            }
+            Self::Failed { error, dropped } => {
+                warn!(user = %user, client = %client, error = %error, "relay bind failed; relayed traffic is dropped");
+                counters.drop_n(DropReason::RelayUnavailable, *dropped);
+            }
+        }
+    }
 }
 
 impl Binding {

@@ -348,16 +348,11 @@ async fn app(
                     last_active = Instant::now();
                     deliver_relayed(shared, &user, &mut association, &replies, binding.bind_mut(), first);
                 }
-                BindEvent::Closed => info!(user = %user, client = %source, "relay bind closed; relayed traffic is dropped until a new one opens"),
-                BindEvent::Opened { public, sent, dropped } => {
-                    info!(user = %user, client = %source, public = %public, held_sent = sent, "relay bind open");
-                    ports.set(source, Some(public.port()));
-                    shared.counters.relayed_out.fetch_add(sent, Ordering::Relaxed);
-                    shared.counters.drop_n(DropReason::RelayUnavailable, dropped);
-                }
-                BindEvent::Failed { error, dropped } => {
-                    warn!(user = %user, client = %source, error = %error, "relay bind failed; relayed traffic is dropped");
-                    shared.counters.drop_n(DropReason::RelayUnavailable, dropped);
+                other => {
+                    if let BindEvent::Opened { public, .. } = &other {
+                        ports.set(source, Some(public.port()));
+                    }
+                    other.record(&shared.counters, &user, source);
                 }
             },
             r = direct_readable(direct.as_ref()) => {

@@ -931,27 +931,11 @@ impl Relay<'_> {
             .open(self.shared.config.tunnel.as_ref(), self.user.name());
     }
 
-    /// Counts and logs what happened to the association's bind.
+    /// Delivers, counts and logs what happened to the association's bind.
     fn on_bind_event(&mut self, client: SocketAddr, event: BindEvent) {
-        let (user, counters) = (&self.user, &self.shared.counters);
         match event {
             BindEvent::Datagram(first) => self.deliver_relayed(first),
-            BindEvent::Closed => {
-                info!(user = %user, client = %client, "relay bind closed; relayed traffic is dropped until a new one opens")
-            }
-            BindEvent::Opened {
-                public,
-                sent,
-                dropped,
-            } => {
-                info!(user = %user, client = %client, public = %public, held_sent = sent, "relay bind open");
-                counters.relayed_out.fetch_add(sent, Ordering::Relaxed);
-                counters.drop_n(DropReason::RelayUnavailable, dropped);
-            }
-            BindEvent::Failed { error, dropped } => {
-                warn!(user = %user, client = %client, error = %error, "relay bind failed; relayed traffic is dropped");
-                counters.drop_n(DropReason::RelayUnavailable, dropped);
-            }
+            other => other.record(&self.shared.counters, &self.user, client),
         }
     }
 
