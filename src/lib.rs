@@ -11,6 +11,7 @@ pub mod intercept;
 pub mod masque;
 pub mod notify;
 pub mod pki;
+mod platform;
 pub mod policy;
 pub mod rate;
 pub mod relay;

@@ -533,8 +533,8 @@ async fn relay(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Checks every few seconds that the firewall table is intact; reinstalls it if another tool
-/// removed it.
+/// Every 2 s compares the kill switch in the kernel (egress lock, policy routing, nftables
+/// table) with what veil wrote and puts back whatever another tool changed, loudly.
 async fn guard_firewall(mut i: veil::firewall::Interception, shutdown: CancellationToken) {
     loop {
         tokio::select! {
@@ -548,20 +548,25 @@ async fn guard_firewall(mut i: veil::firewall::Interception, shutdown: Cancellat
             let paths: Vec<&str> = slices.iter().map(|c| c.path.as_str()).collect();
             info!(slices = ?paths, "managed users' session cgroups changed; updating the firewall");
             i.inbound_cgroups = slices;
-        }
-        let check = tokio::task::spawn_blocking(veil::firewall::is_intact).await;
-        let removed = check.is_ok_and(|intact| !intact);
-        if removed {
-            error!("veil's firewall table was removed by another tool; reinstalling it");
-        }
-        if removed || changed {
             let i = i.clone();
             match tokio::task::spawn_blocking(move || veil::firewall::install(&i)).await {
-                Ok(Ok(())) if removed => warn!("firewall reinstalled"),
                 Ok(Ok(())) => info!("firewall updated"),
-                Ok(Err(e)) => error!(error = %e, "cannot reinstall the firewall"),
-                Err(e) => error!(error = %e, "cannot reinstall the firewall"),
+                Ok(Err(e)) => error!(error = %e, "cannot update the firewall"),
+                Err(e) => error!(error = %e, "cannot update the firewall"),
             }
+            continue;
+        }
+        let j = i.clone();
+        match tokio::task::spawn_blocking(move || veil::firewall::ensure(&j)).await {
+            Ok(Ok(damage)) if damage.is_empty() => {}
+            Ok(Ok(damage)) => {
+                for d in &damage {
+                    error!(damage = %d, "the kill switch was changed by another tool");
+                }
+                warn!(repaired = damage.len(), "firewall reinstalled");
+            }
+            Ok(Err(e)) => error!(error = %e, "cannot check or repair the firewall"),
+            Err(e) => error!(error = %e, "cannot check or repair the firewall"),
         }
     }
 }

@@ -1,6 +1,5 @@
-//! Steering a relay's QUIC packets to the thread that owns their connection: the one platform
-//! module with `unsafe` (a `setsockopt` that takes a pointer to a BPF program, which neither
-//! nix nor socket2 wraps).
+//! Steering a relay's QUIC packets to the thread that owns their connection (the classic BPF
+//! program is made here; `crate::platform` attaches it).
 //!
 //! The relay serves its QUIC port from several sockets bound with `SO_REUSEPORT`, one per
 //! thread (a *shard*). The kernel would spread packets by a hash of their addresses, so a
@@ -14,9 +13,7 @@
 //! connection ID starts at byte 6 (flags, 4 bytes of version, its length), for a short-header
 //! packet at byte 1. A client's first Initial carries a connection ID of its own choosing, so
 //! its shard is random; that shard then issues connection IDs that lead back to it.
-#![allow(unsafe_code)]
-
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 use quinn_proto::{ConnectionId, ConnectionIdGenerator, HashedConnectionIdGenerator, InvalidCid};
@@ -45,7 +42,7 @@ pub(crate) fn steer_by_connection_id<S: AsFd>(socket: &S, shards: u8) -> std::io
     const MOD_K: u16 = (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16;
     const RET_A: u16 = (libc::BPF_RET | libc::BPF_A) as u16;
     let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
-    let mut program = [
+    let program = [
         op(LD_B_ABS, 0, 0, 0),                     // A = first byte
         op(JSET_K, 0, 2, 0x80),                    // long header? next : skip two
         op(LD_B_ABS, 0, 0, 6),                     // A = long header's first DCID byte
@@ -54,26 +51,7 @@ pub(crate) fn steer_by_connection_id<S: AsFd>(socket: &S, shards: u8) -> std::io
         op(MOD_K, 0, 0, u32::from(shards.max(1))), // A %= shards
         op(RET_A, 0, 0, 0),                        // the socket index
     ];
-    let fprog = libc::sock_fprog {
-        len: program.len() as u16,
-        filter: program.as_mut_ptr(),
-    };
-    // SAFETY: `fprog` points at `program`, which outlives the call; the kernel copies the
-    // program and validates it, and reads exactly `size_of::<sock_fprog>()` bytes of `fprog`.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_fd().as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
-            std::ptr::from_ref(&fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    crate::platform::attach_reuseport_cbpf(socket, &program)
 }
 
 /// quinn's hashed connection IDs, drawn until the first byte names this shard (about `shards`

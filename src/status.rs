@@ -119,6 +119,7 @@ impl Drop for LiveSession {
 pub fn report(
     tunnel: &str,
     managed: &[String],
+    kill_switch: Option<&str>,
     sessions: &[SessionView],
     counters: &[(String, u64)],
 ) -> String {
@@ -133,6 +134,9 @@ pub fn report(
             managed.join(", ")
         }
     );
+    if let Some(k) = kill_switch {
+        let _ = writeln!(out, "kill switch: {k}");
+    }
     let _ = writeln!(out, "sessions: {}", sessions.len());
     for s in sessions {
         let _ = writeln!(
@@ -243,6 +247,7 @@ mod tests {
         let text = report(
             "connected",
             &["alice".into()],
+            Some("intact"),
             &snap,
             &[("dropped_blocked".into(), 2)],
         );
@@ -250,6 +255,7 @@ mod tests {
             text.contains("    203.0.113.2:7000 block default.toml rule[1]\n"),
             "{text}"
         );
+        assert!(text.contains("\nkill switch: intact\n"), "{text}");
         let tunnel = TunnelFigures {
             connects: 3,
             replaced: 1,

@@ -87,20 +87,8 @@ fn send_as(
         .collect()
 }
 
-fn sidecar_config(pki: &Pki, dir: &std::path::Path) -> std::path::PathBuf {
-    let path = dir.join("sidecar.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "metrics = \"127.0.0.1:9101\"\n[relay]\naddress = \"{RELAY}\"\nserver_name = \"{RELAY_IP}\"\nca = \"{}\"\ncertificate = \"{}\"\nprivate_key = \"{}\"\n\
-             [transparent]\nusers = [\"nobody\"]\n",
-            pki.path("ca.crt").display(),
-            pki.path("sidecar.crt").display(),
-            pki.path("sidecar.key").display()
-        ),
-    )
-    .expect("write sidecar config");
-    path
+fn sidecar_config(pki: &Pki) -> std::path::PathBuf {
+    pki.transparent_sidecar_config("metrics = \"127.0.0.1:9101\"\n", RELAY, RELAY_IP)
 }
 
 fn start_sidecar(t: &Topology, config: &std::path::Path) -> Sidecar {
@@ -150,7 +138,7 @@ fn start_managed(t: &Topology) -> (Pki, support::Daemon, UdpEcho, Sidecar) {
     let pki = Pki::generate(RELAY_IP);
     let relay = start_relay(t, &pki);
     let echo = UdpEcho::spawn_in(Some(&t.ns("e")), MANAGED_ECHO);
-    let sidecar = start_connected(t, &sidecar_config(&pki, pki.dir.path()));
+    let sidecar = start_connected(t, &sidecar_config(&pki));
     (pki, relay, echo, sidecar)
 }
 
@@ -182,7 +170,7 @@ fn managed_user_is_intercepted_and_relayed_root_is_untouched() {
     let relay = start_relay(&t, &pki);
     let managed_echo = UdpEcho::spawn_in(Some(&t.ns("e")), MANAGED_ECHO);
     let root_echo = UdpEcho::spawn_in(Some(&t.ns("e")), ROOT_ECHO);
-    let config = sidecar_config(&pki, pki.dir.path());
+    let config = sidecar_config(&pki);
     let sidecar = start_sidecar(&t, &config);
     assert!(
         sidecar
@@ -296,7 +284,7 @@ fn nothing_leaks_when_the_daemon_is_killed_stopped_or_its_table_flushed() {
     let t = topology();
     let pki = Pki::generate(RELAY_IP);
     let echo = UdpEcho::spawn_in(Some(&t.ns("e")), MANAGED_ECHO);
-    let config = sidecar_config(&pki, pki.dir.path());
+    let config = sidecar_config(&pki);
 
     // "Boot": only the early table, no daemon yet.
     let out = veil_in(Some(&t.ns("c")))
@@ -320,7 +308,7 @@ fn nothing_leaks_when_the_daemon_is_killed_stopped_or_its_table_flushed() {
     );
     assert_sealed(&t, "relay unreachable");
 
-    // Another tool flushes the whole ruleset: the discard route still holds, and the daemon
+    // Another tool flushes the whole ruleset: the egress lock still holds, and the daemon
     // puts its table back.
     let flush = t
         .command("c", "nft")
@@ -339,7 +327,7 @@ fn nothing_leaks_when_the_daemon_is_killed_stopped_or_its_table_flushed() {
     let log = sidecar.daemon_kill();
     assert!(
         log.iter()
-            .any(|l| l.contains("was removed by another tool"))
+            .any(|l| l.contains("nftables table inet veil: removed"))
     );
     assert_sealed(&t, "daemon killed");
 
@@ -403,7 +391,7 @@ fn reload_under_traffic_keeps_allowed_flows_and_cuts_the_others() {
     let relay = start_relay(&t, &pki);
     let kept = UdpEcho::spawn_in(Some(&t.ns("e")), MANAGED_ECHO);
     let cut = UdpEcho::spawn_in(Some(&t.ns("e")), "203.0.113.2:7002");
-    let config = sidecar_config(&pki, pki.dir.path());
+    let config = sidecar_config(&pki);
     let sidecar = start_connected(&t, &config);
 
     let shared = tempfile::tempdir().expect("tempdir");
@@ -709,18 +697,7 @@ fn ipv6_udp_of_a_managed_user_is_intercepted_and_relayed_over_ipv6() {
         ),
     );
     let echo = UdpEcho::spawn_in(Some(&t.ns("e")), ECHO6);
-    let config = pki.dir.path().join("sidecar.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[relay]\naddress = \"[{RELAY6}]:4433\"\nserver_name = \"{RELAY_IP}\"\nca = \"{}\"\ncertificate = \"{}\"\nprivate_key = \"{}\"\n\
-             [transparent]\nusers = [\"nobody\"]\n",
-            pki.path("ca.crt").display(),
-            pki.path("sidecar.crt").display(),
-            pki.path("sidecar.key").display(),
-        ),
-    )
-    .expect("write sidecar config");
+    let config = pki.transparent_sidecar_config("", &format!("[{RELAY6}]:4433"), RELAY_IP);
     let sidecar = start_connected(&t, &config);
     let capture = Capture::start(&t, "c", &format!("udp and not host {RELAY6}"));
 
@@ -751,7 +728,7 @@ fn a_managed_users_session_gets_no_unsolicited_udp_once_its_slice_appears() {
     let t = topology();
     let pki = Pki::generate(RELAY_IP);
     let relay = start_relay(&t, &pki);
-    let config = sidecar_config(&pki, pki.dir.path());
+    let config = sidecar_config(&pki);
     let sidecar = start_connected(&t, &config);
     // Before nobody has a session slice, nftables cannot tell its sockets on input: an
     // unsolicited datagram reaches it (the gap this closes).

@@ -211,6 +211,7 @@ impl Handle {
         crate::status::report(
             &self.tunnel_state(),
             managed,
+            crate::firewall::last_check().as_deref(),
             &self.shared.registry.snapshot(),
             &self.counters().snapshot(),
         )

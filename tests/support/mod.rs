@@ -413,6 +413,22 @@ impl Pki {
         }
     }
 
+    /// Writes `sidecar.toml` beside the certificates: `top` lines, a `[relay]` at `relay`
+    /// checked as `server_name`, and `[transparent]` managing `nobody`; returns its path.
+    #[allow(dead_code)] // only the transparent tests use it
+    pub fn transparent_sidecar_config(&self, top: &str, relay: &str, server_name: &str) -> PathBuf {
+        let path = self.dir.path().join("sidecar.toml");
+        let text = format!(
+            "{top}[relay]\naddress = \"{relay}\"\nserver_name = \"{server_name}\"\nca = \"{}\"\ncertificate = \"{}\"\nprivate_key = \"{}\"\n\
+             [transparent]\nusers = [\"nobody\"]\n",
+            self.path("ca.crt").display(),
+            self.path("sidecar.crt").display(),
+            self.path("sidecar.key").display()
+        );
+        std::fs::write(&path, text).expect("write sidecar config");
+        path
+    }
+
     /// Writes a relay config next to the certificates; returns its path.
     pub fn relay_config(&self, name: &str, listen: &str, extra: &str) -> PathBuf {
         let path = self.dir.path().join("pki").join(name);

@@ -122,6 +122,12 @@ impl Topology {
         self
     }
 
+    /// The router's end of `role`'s link (inside the router's namespace, `ns("r")`).
+    #[allow(dead_code)] // not every test binary captures at the gateway
+    pub fn gateway_iface(&self, role: &str) -> String {
+        format!("r{}{role}", self.id)
+    }
+
     /// A command run inside `role`'s namespace.
     pub fn command(&self, role: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("ip");
@@ -133,11 +139,35 @@ impl Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         for ns in self.namespaces.iter().rev() {
+            remove_egress_lock(ns);
             let _ = Command::new("ip")
                 .args(["netns", "del", ns])
                 .stderr(Stdio::null())
                 .status();
         }
+    }
+}
+
+/// A veil sidecar's egress lock is attached to the host's root cgroup (scoped to its network
+/// namespace, so it does nothing once the namespace is gone): take it away with the namespace,
+/// even when the test failed before its own `veil firewall remove`.
+fn remove_egress_lock(ns: &str) {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(meta) = std::fs::metadata(format!("/var/run/netns/{ns}")) else {
+        return;
+    };
+    let prefix = format!("net{}-", meta.ino());
+    let pinned = std::fs::read_dir("/sys/fs/bpf/veil").is_ok_and(|d| {
+        d.filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+    });
+    if pinned {
+        let _ = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{ns}"))
+            .args([env!("CARGO_BIN_EXE_veil"), "firewall", "remove"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -162,6 +192,12 @@ impl Capture {
     #[allow(dead_code)] // not every test binary reads payloads
     pub fn start_all_payloads(t: &Topology, role: &str, filter: &str) -> Self {
         Self::start_on(t, role, "any", filter, "-A")
+    }
+
+    /// Everything `role` puts on its link, payloads included, as the router sees it.
+    #[allow(dead_code)] // not every test binary captures at the gateway
+    pub fn start_gateway_payloads(t: &Topology, role: &str, filter: &str) -> Self {
+        Self::start_on(t, "r", &t.gateway_iface(role), filter, "-A")
     }
 
     fn start_on(t: &Topology, role: &str, iface: &str, filter: &str, detail: &str) -> Self {

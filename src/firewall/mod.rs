@@ -1,4 +1,5 @@
-//! The kernel side of transparent interception: an nftables table and policy routing.
+//! The kernel side of transparent interception: an nftables table, policy routing, and an
+//! eBPF egress lock ([`lock`]) that holds when the other two are gone.
 //!
 //! The ruleset *text* is made by a pure function from the managed users and groups; a thin shell
 //! applies it with `nft -f` in **one transaction** (create-if-missing, delete, recreate — the old
@@ -11,22 +12,28 @@
 //! prerouting (filter, mangle)     marked UDP: TPROXY to veil's listener on 127.0.0.1 / ::1;
 //!                                 then DROP — tproxy falls through when nothing listens, so with
 //!                                 the daemon dead the packet is dropped, never sent
-//! killswitch (filter, postrouting) managed user's UDP that would leave on any interface but
-//!                                 lo: DROP (postrouting, because only there is the device the
-//!                                 one chosen after the mark re-routed the packet)
+//! killswitch (filter, postrouting) anything but TCP from a managed user's socket that would
+//!                                 leave on any interface but lo (UDP, UDP-Lite, ICMP echo…):
+//!                                 DROP (postrouting, because only there is the device the one
+//!                                 chosen after the mark re-routed the packet)
 //! input    (filter, input)        UDP from outside to a flow veil intercepted (its conntrack
 //!                                 mark): DROP — replies must come through veil
 //! ```
 //!
-//! Policy routing adds a second lock that does not depend on nftables: managed users' UDP
-//! (`ip rule uidrange … ipproto udp`) is routed to `veil0`, one end of a veth pair whose other
-//! end (`veil0x`) stays down, so everything sent there is discarded (a veth rather than a dummy
-//! device, because veth is in every kernel that runs network namespaces). Intercepted packets are re-routed by their mark before that matters; if another
-//! tool flushes the nftables ruleset, they fall to `veil0` instead of the real interface — so
-//! even a flushed firewall leaks nothing while veil reinstalls its table.
+//! Policy routing: `fwmark MARK lookup MARK`, table MARK `local default dev lo`, which delivers
+//! marked packets to the TPROXY listener. Without it nothing is relayed (and nothing leaks:
+//! the lock and the killswitch still drop).
 //!
-//! The table stays when the daemon stops, crashes or is killed: only `veil firewall remove`
+//! The second lock, independent of nftables, of routing and of any device's link state, is a
+//! cgroup egress program ([`lock`]): it drops the same packets the killswitch drops, wherever
+//! routing sent them. [`ensure`] compares all three with what veil wrote — the table's whole
+//! listing, the rules and routes, the programs' tags — and puts back whatever differs; the
+//! sidecar runs it every 2 s.
+//!
+//! All of it stays when the daemon stops, crashes or is killed: only `veil firewall remove`
 //! takes it away.
+
+pub mod lock;
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -36,10 +43,9 @@ use std::process::{Command, Stdio};
 pub const TABLE: &str = "veil";
 /// The default fwmark of intercepted packets (also the policy-routing table number).
 pub const DEFAULT_MARK: u32 = 0x1e11;
-/// The device that swallows managed users' UDP if it is ever routed normally.
-pub const DISCARD_DEVICE: &str = "veil0";
-/// Its veth peer, which stays down.
-const DISCARD_PEER: &str = "veil0x";
+/// The device earlier versions routed managed users' UDP to (a veth whose peer stayed down);
+/// the lock replaced it, and [`install`] takes it away.
+const LEGACY_DISCARD_DEVICE: &str = "veil0";
 /// The default TPROXY listener port.
 pub const DEFAULT_PORT: u16 = 15_353;
 
@@ -50,8 +56,8 @@ pub struct Interception {
     pub uids: Vec<u32>,
     /// Managed groups by gid (never 0).
     pub gids: Vec<u32>,
-    /// Every uid the discard route covers: the managed users and the members of the managed
-    /// groups (policy routing matches users only).
+    /// Every uid the egress lock covers: the managed users and the members of the managed
+    /// groups (it sees a socket's owner, not its groups).
     pub routed_uids: Vec<u32>,
     /// Managed cgroups (v2): every process below one is managed, whoever runs it — how IT
     /// manages one app rather than a whole user.
@@ -168,6 +174,9 @@ pub enum Error {
         /// Why.
         source: std::io::Error,
     },
+    /// The egress lock could not be put in place.
+    #[error(transparent)]
+    Lock(#[from] lock::Error),
     /// A command failed.
     #[error("{command} failed: {stderr}")]
     Failed {
@@ -228,8 +237,10 @@ pub fn ruleset(i: &Interception) -> String {
     );
     // nftables' socket match does not run in postrouting; managed cgroups' UDP is covered by
     // the mark it got in output (it should be on its way to lo).
+    // Not only UDP: UDP-Lite and ICMP echo (ping sockets) need no privilege either, and
+    // carry the user's address as well.
     for who in managed.iter().take(2) {
-        let _ = writeln!(out, "    meta l4proto udp {who} oifname != \"lo\" drop");
+        let _ = writeln!(out, "    meta l4proto != tcp {who} oifname != \"lo\" drop");
     }
     let _ = writeln!(
         out,
@@ -295,135 +306,201 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Erro
     }
 }
 
-/// Installs or replaces the table in one transaction, then the policy routing: marked packets
-/// are delivered locally (to the TPROXY listener), and managed users' other UDP goes to the
-/// discard device.
-pub fn install(i: &Interception) -> Result<(), Error> {
-    // Routing first: the discard route must be in place before anything is marked.
-    if run("ip", &["link", "show", DISCARD_DEVICE], None).is_err() {
-        run(
-            "ip",
-            &[
-                "link",
-                "add",
-                DISCARD_DEVICE,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                DISCARD_PEER,
-            ],
-            None,
-        )?;
-        run("ip", &["link", "set", DISCARD_PEER, "down"], None)?;
+/// The listing of veil's table as this process last wrote it, to compare the live one with.
+static WRITTEN: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// What the last [`ensure`] of this process found, for `veil status`.
+#[derive(Default)]
+struct Checked {
+    at: Option<std::time::Instant>,
+    error: Option<String>,
+    repair: Option<(std::time::Instant, Damage)>,
+}
+
+static CHECKED: std::sync::Mutex<Checked> = std::sync::Mutex::new(Checked {
+    at: None,
+    error: None,
+    repair: None,
+});
+
+/// The kill switch's state as the last check found it (None: never checked here).
+pub fn last_check() -> Option<String> {
+    let c = CHECKED.lock().ok()?;
+    let at = c.at?;
+    let mut out = match &c.error {
+        Some(e) => format!("CHECK FAILED {:.0?} ago: {e}", at.elapsed()),
+        None => format!(
+            "intact (table, routing, egress lock) at the check {:.0?} ago",
+            at.elapsed()
+        ),
+    };
+    if let Some((when, damage)) = &c.repair {
+        out.push_str(&format!(
+            "; last repaired {:.0?} ago: {}",
+            when.elapsed(),
+            damage.join("; ")
+        ));
     }
-    run("ip", &["link", "set", DISCARD_DEVICE, "up"], None)?;
-    let mark = format!("{:#x}", i.mark);
-    let local_table = i.mark.to_string();
-    let discard_table = (i.mark + 1).to_string();
+    Some(out)
+}
+
+fn record(outcome: &Result<Damage, Error>) {
+    if let Ok(mut c) = CHECKED.lock() {
+        let now = std::time::Instant::now();
+        c.at = Some(now);
+        c.error = outcome.as_ref().err().map(ToString::to_string);
+        if let Ok(d) = outcome
+            && !d.is_empty()
+        {
+            c.repair = Some((now, d.clone()));
+        }
+    }
+}
+
+/// The live listing of veil's table, if it exists.
+fn listing() -> Option<String> {
+    run("nft", &["list", "table", "inet", TABLE], None).ok()
+}
+
+/// The egress lock for `i`, in this thread's network namespace.
+fn egress_lock(i: &Interception) -> Result<lock::Lock, Error> {
+    let cgroups: Vec<(String, std::path::PathBuf)> = i
+        .cgroups
+        .iter()
+        .map(|c| {
+            (
+                c.nft_path.clone(),
+                std::path::Path::new("/sys/fs/cgroup").join(&c.nft_path),
+            )
+        })
+        .collect();
+    Ok(lock::Lock::new(&i.routed_uids, &cgroups)?)
+}
+
+/// Installs (or replaces, in one transaction) the table, the policy routing and the egress
+/// lock. The lock goes in first, so that managed users' traffic is held from the start.
+pub fn install(i: &Interception) -> Result<(), Error> {
+    let lock = egress_lock(i)?;
+    lock.ensure()?;
+    routing(i.mark)?;
+    remove_legacy(i.mark);
+    apply(i)
+}
+
+fn apply(i: &Interception) -> Result<(), Error> {
+    run("nft", &["-f", "-"], Some(&ruleset(i)))?;
+    let written = listing();
+    if let Ok(mut w) = WRITTEN.lock() {
+        *w = written;
+    }
+    Ok(())
+}
+
+/// What [`ensure`] found wrong (and put right).
+pub type Damage = Vec<String>;
+
+/// Compares the kill switch in the kernel with what veil wrote — the egress lock's programs,
+/// the policy routing, the nftables table's whole listing — and puts back whatever differs.
+/// Returns what was wrong (empty: all intact).
+pub fn ensure(i: &Interception) -> Result<Damage, Error> {
+    let outcome = check_and_repair(i);
+    record(&outcome);
+    outcome
+}
+
+fn check_and_repair(i: &Interception) -> Result<Damage, Error> {
+    let mut damage = Damage::new();
+    let lock = egress_lock(i)?;
+    for r in lock.ensure()? {
+        damage.push(format!("egress lock {}: {}", r.pin.display(), r.problem));
+    }
+    damage.extend(routing(i.mark)?);
+    let written = WRITTEN.lock().ok().and_then(|w| w.clone());
+    match (listing(), written) {
+        (None, _) => damage.push(format!("nftables table inet {TABLE}: removed")),
+        (Some(live), Some(written)) if live != written => {
+            let line = live
+                .lines()
+                .zip(written.lines())
+                .position(|(a, b)| a != b)
+                .unwrap_or_else(|| live.lines().count().min(written.lines().count()));
+            let got = live.lines().nth(line).unwrap_or("(end)").trim();
+            let want = written.lines().nth(line).unwrap_or("(end)").trim();
+            damage.push(format!(
+                "nftables table inet {TABLE}: differs from what veil wrote at line {}: {got:?} instead of {want:?}",
+                line + 1
+            ));
+        }
+        (Some(_), _) => {}
+    }
+    if damage.iter().any(|d| d.starts_with("nftables")) {
+        apply(i)?;
+    }
+    Ok(damage)
+}
+
+/// Puts the policy routing in place where it is missing; says what was missing.
+fn routing(mark: u32) -> Result<Damage, Error> {
+    let mut damage = Damage::new();
+    let hex = format!("{mark:#x}");
+    let table = mark.to_string();
     for (family, all) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
-        run(
-            "ip",
-            &[
-                family,
-                "route",
-                "replace",
-                "local",
-                all,
-                "dev",
-                "lo",
-                "table",
-                &local_table,
-            ],
-            None,
-        )?;
-        run(
-            "ip",
-            &[
-                family,
-                "route",
-                "replace",
-                "default",
-                "dev",
-                DISCARD_DEVICE,
-                "table",
-                &discard_table,
-            ],
-            None,
-        )?;
-        let rules = run("ip", &[family, "rule", "show"], None)?;
-        if !rules.contains(&format!("fwmark {mark} lookup {local_table}")) {
+        // `ip` fails on a table that does not exist: that is a missing route too.
+        let routes =
+            run("ip", &[family, "route", "show", "table", &table], None).unwrap_or_default();
+        if !routes.contains("local default dev lo") {
+            damage.push(format!(
+                "route {family} local default dev lo table {table}: missing"
+            ));
             run(
                 "ip",
                 &[
-                    family,
-                    "rule",
-                    "add",
-                    "fwmark",
-                    &mark,
-                    "lookup",
-                    &local_table,
-                    "priority",
-                    &local_table,
+                    family, "route", "replace", "local", all, "dev", "lo", "table", &table,
                 ],
                 None,
             )?;
         }
-        for uid in &i.routed_uids {
-            let range = format!("{uid}-{uid}");
-            if !rules.contains(&format!(
-                "uidrange {range} ipproto udp lookup {discard_table}"
-            )) {
-                run(
-                    "ip",
-                    &[
-                        family,
-                        "rule",
-                        "add",
-                        "uidrange",
-                        &range,
-                        "ipproto",
-                        "udp",
-                        "lookup",
-                        &discard_table,
-                        "priority",
-                        &discard_table,
-                    ],
-                    None,
-                )?;
-            }
+        let rules = run("ip", &[family, "rule", "show"], None)?;
+        if !rules.contains(&format!("fwmark {hex} lookup {table}")) {
+            damage.push(format!(
+                "rule {family} fwmark {hex} lookup {table}: missing"
+            ));
+            run(
+                "ip",
+                &[
+                    family, "rule", "add", "fwmark", &hex, "lookup", &table, "priority", &table,
+                ],
+                None,
+            )?;
         }
     }
-    run("nft", &["-f", "-"], Some(&ruleset(i)))?;
-    Ok(())
+    Ok(damage)
 }
 
-/// True if veil's table is installed and has every chain.
-pub fn is_intact() -> bool {
-    run("nft", &["list", "table", "inet", TABLE], None).is_ok_and(|listing| {
-        [
-            "chain output",
-            "chain prerouting",
-            "chain killswitch",
-            "chain input",
-            "tproxy",
-        ]
-        .iter()
-        .all(|part| listing.contains(part))
-    })
+/// Takes away what earlier versions installed instead of the egress lock: the discard device
+/// and the `uidrange` rules to its table (the table after the mark's).
+fn remove_legacy(mark: u32) {
+    let table = (mark + 1).to_string();
+    for family in ["-4", "-6"] {
+        while run("ip", &[family, "rule", "del", "lookup", &table], None).is_ok() {}
+        let _ = run("ip", &[family, "route", "flush", "table", &table], None);
+    }
+    if run("ip", &["link", "show", LEGACY_DISCARD_DEVICE], None).is_ok() {
+        let _ = run("ip", &["link", "del", LEGACY_DISCARD_DEVICE], None);
+    }
 }
 
-/// Removes the table and the policy routing (`veil firewall remove`).
+/// Removes the table, the policy routing and the egress lock (`veil firewall remove`).
 pub fn remove(mark: u32) -> Result<(), Error> {
     let _ = run("nft", &["delete", "table", "inet", TABLE], None);
-    for table in [mark.to_string(), (mark + 1).to_string()] {
-        for family in ["-4", "-6"] {
-            while run("ip", &[family, "rule", "del", "lookup", &table], None).is_ok() {}
-            let _ = run("ip", &[family, "route", "flush", "table", &table], None);
-        }
+    for family in ["-4", "-6"] {
+        let table = mark.to_string();
+        while run("ip", &[family, "rule", "del", "lookup", &table], None).is_ok() {}
+        let _ = run("ip", &[family, "route", "flush", "table", &table], None);
     }
-    let _ = run("ip", &["link", "del", DISCARD_DEVICE], None);
-    if is_intact() {
+    remove_legacy(mark);
+    lock::Lock::new(&[], &[])?.remove()?;
+    if listing().is_some() {
         return Err(Error::Failed {
             command: format!("nft delete table inet {TABLE}"),
             stderr: "the table is still there".to_owned(),
@@ -471,7 +548,7 @@ mod tests {
         assert!(lines[v6 - 1].contains("tproxy ip to 127.0.0.1:15353 accept"));
         assert_eq!(lines[v6 + 1], "meta l4proto udp meta mark 0x1e11 drop");
         assert!(
-            lines.contains(&"meta l4proto udp meta skuid @managed_uids oifname != \"lo\" drop")
+            lines.contains(&"meta l4proto != tcp meta skuid @managed_uids oifname != \"lo\" drop")
         );
         assert!(lines.contains(&"meta l4proto udp iifname != \"lo\" ct mark 0x1e11 drop"));
         // The kernel's ICMP errors about intercepted flows stay in too.
