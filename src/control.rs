@@ -18,11 +18,18 @@ use tracing::{debug, info};
 /// The default control socket.
 pub const DEFAULT_SOCKET: &str = "/run/veil/control";
 
-/// Binds the control socket at `path` (replacing a stale one), root-only.
+/// Binds the control socket at `path` (replacing a stale one), root-only. Its directory is
+/// made (mode 0700) if it does not exist; an existing one must be veil's: owned by this user
+/// and writable by no one else (in `/tmp`, anyone could swap the socket). An existing
+/// directory's mode is never changed.
 pub fn bind_control(path: &Path) -> io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if dir.exists() {
+            own_directory(dir)?;
+        } else {
+            std::fs::create_dir_all(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}
@@ -32,6 +39,25 @@ pub fn bind_control(path: &Path) -> io::Result<UnixListener> {
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
+}
+
+/// Checks that `dir` is a directory of this user's that no one else can write to.
+fn own_directory(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(dir)?;
+    let me = nix::unistd::geteuid().as_raw();
+    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is not veil's own directory (owner uid {}, mode {:o}): put the control socket in a directory only root can write to, like /run/veil",
+                dir.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Serves `veil status` requests until `shutdown`.
@@ -149,4 +175,45 @@ pub fn socket_path(configured: Option<&PathBuf>) -> PathBuf {
     configured
         .cloned()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_socket_directory_is_made_private_or_must_already_be() {
+        let base = tempfile::tempdir().expect("tempdir");
+        // A directory like /tmp: refused, and left as it was.
+        let shared = base.path().join("shared");
+        std::fs::create_dir(&shared).expect("mkdir");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        let err = bind_control(&shared.join("control")).expect_err("refused");
+        assert!(
+            err.to_string().contains("is not veil's own directory"),
+            "{err}"
+        );
+        let mode = std::fs::metadata(&shared)
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o7777;
+        assert_eq!(mode, 0o1777);
+        // A new directory is veil's: made 0700.
+        let new = base.path().join("a/b");
+        bind_control(&new.join("control")).expect("bound");
+        let mode = std::fs::metadata(&new).expect("stat").permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700);
+        // An existing private one is used as it is.
+        let private = base.path().join("private");
+        std::fs::create_dir(&private).expect("mkdir");
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+        bind_control(&private.join("control")).expect("bound");
+        let mode = std::fs::metadata(&private)
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o7777;
+        assert_eq!(mode, 0o750);
+    }
 }

@@ -276,9 +276,11 @@ async fn app(
 ) {
     let shared: &Shared = &handle.shared;
     let Some(user) = owner(source, first_destination) else {
-        warn!(client = %source, "cannot tell who owns the app socket; its UDP is dropped");
+        // No socket sends from there (a raw socket's forgery, or one already closed): counted
+        // and logged at a bounded rate, since each forged source port comes here once.
+        shared.refuse_source(DropReason::NoSocket, source, "unknown");
         while rx.try_recv().is_ok() {
-            shared.counters.drop(DropReason::ForeignSource);
+            shared.counters.drop(DropReason::NoSocket);
         }
         return;
     };
@@ -288,7 +290,8 @@ async fn app(
         return;
     };
     let mut association = Association::new(source.ip(), limits.max_flows_per_association);
-    let _ = association.admit_client(source);
+    // The kernel named the socket's owner above: it is the client.
+    association.claim(source);
     // Opened in the background, with the public port this app socket had (before a restart,
     // say); the first datagrams wait for it (`Binding`).
     let tunnel = shared.config.tunnel.as_ref();

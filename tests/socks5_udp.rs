@@ -396,3 +396,85 @@ fn relayed_replies_come_from_any_port_of_a_contacted_ip_and_no_other_ip() {
         "{log}"
     );
 }
+
+/// Runs the victim (`nobody`) and the attacker (`daemon`, whose policy is the same file but
+/// who must never use nobody's association) of `socks5_race.py`; returns their outputs.
+fn race(sidecar: &Sidecar, echo: &UdpEcho, declare: bool, victim_first: bool) -> (String, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    if victim_first {
+        std::fs::write(dir.path().join("go"), "").expect("go");
+    }
+    let script = support::client_script("socks5_race.py");
+    let as_user = |user: &str, group: &str| {
+        let mut c = std::process::Command::new("setpriv");
+        c.args([
+            &format!("--reuid={user}"),
+            &format!("--regid={group}"),
+            "--clear-groups",
+            "/usr/bin/python3",
+        ])
+        .arg(&script);
+        c
+    };
+    let victim = as_user("nobody", "nogroup")
+        .args([
+            "victim",
+            &sidecar.addr.port().to_string(),
+            &echo.addr.port().to_string(),
+            if declare { "1" } else { "0" },
+        ])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("victim");
+    let mut attacker = as_user("daemon", "daemon");
+    attacker
+        .args(["attacker", &echo.addr.port().to_string()])
+        .arg(dir.path());
+    if victim_first {
+        attacker.arg("after");
+    }
+    let attacker = attacker.output().expect("attacker");
+    let victim = victim.wait_with_output().expect("victim");
+    (
+        String::from_utf8_lossy(&victim.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&attacker.stdout).trim().to_owned(),
+    )
+}
+
+#[test]
+fn another_local_user_cannot_take_over_an_association_in_either_order() {
+    assert!(support::is_root(), "needs root to run clients as two users");
+    let echo = UdpEcho::spawn("127.0.0.1:0");
+    let sidecar = Sidecar::builder()
+        .policy(
+            "default.toml",
+            &policy_for(echo.addr, "127.0.0.1:9".parse().expect("addr")),
+        )
+        .spawn();
+    for declare in [false, true] {
+        for victim_first in [false, true] {
+            let case = format!("declared port: {declare}, victim first: {victim_first}");
+            let (victim, attacker) = race(&sidecar, &echo, declare, victim_first);
+            assert_eq!(victim, "got victim", "{case}");
+            assert_eq!(attacker, "none", "{case}");
+        }
+    }
+    assert!(
+        echo.seen().iter().all(|(_, p)| p == b"victim"),
+        "the attacker's datagram went out: {:?}",
+        echo.seen()
+    );
+    // Attacker first without a declared port: refused for its socket's owner; with one, for
+    // its port (before any lookup); second, for not being the client.
+    let metrics = sidecar.log().join("\n");
+    assert!(
+        metrics.contains("reason=\"foreign_owner\""),
+        "no refusal logged: {metrics}"
+    );
+}

@@ -4,8 +4,10 @@
 //! back. The rules enforced here:
 //!
 //! - only the client may use the association: datagrams must come from the IP address of the TCP
-//!   control connection, and the first such datagram fixes the client's port (the address the
-//!   client declares in its request is only a hint: real clients send `0.0.0.0:0`);
+//!   control connection and, when the request declared one, from its port; the first such
+//!   datagram whose sending socket belongs to the control connection's user (the shell asks the
+//!   kernel: [`Admission::Unclaimed`] → [`Association::claim`]) fixes the client's address. On a
+//!   shared `127.0.0.1` an IP says nothing about who sends; the socket's owner does;
 //! - a datagram with FRAG ≠ 0 is dropped (veil does not reassemble);
 //! - each destination is a *flow*, decided by the policy once (with the traffic class of its first
 //!   packet) and again whenever the policy changes; the flow table is bounded;
@@ -41,11 +43,15 @@ pub enum DropReason {
     SendFailed,
     /// Too large for the tunnel's path right now.
     TooLarge,
+    /// The sending socket belongs to another user than the association's.
+    ForeignOwner,
+    /// No socket sends from that address (a raw socket's forgery).
+    NoSocket,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 13] = [
         Self::ForeignSource,
         Self::Fragmented,
         Self::Malformed,
@@ -57,6 +63,8 @@ impl DropReason {
         Self::UnknownPeer,
         Self::SendFailed,
         Self::TooLarge,
+        Self::ForeignOwner,
+        Self::NoSocket,
     ];
 
     /// A stable name for logs and metrics.
@@ -73,6 +81,8 @@ impl DropReason {
             Self::UnknownPeer => "unknown_peer",
             Self::SendFailed => "send_failed",
             Self::TooLarge => "too_large",
+            Self::ForeignOwner => "foreign_owner",
+            Self::NoSocket => "no_socket",
         }
     }
 
@@ -99,6 +109,16 @@ struct Flow {
     generation: u64,
 }
 
+/// A client-side datagram that may be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// From the association's client.
+    Client,
+    /// From an address that may become the client: claim it if the kernel says its socket is
+    /// the user's, drop the datagram otherwise.
+    Unclaimed,
+}
+
 /// What the association says about a flow's packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlowDecision {
@@ -112,6 +132,8 @@ pub struct FlowDecision {
 #[derive(Debug)]
 pub struct Association {
     control_ip: IpAddr,
+    /// The port the request declared (0: none).
+    declared_port: u16,
     client: Option<SocketAddr>,
     flows: HashMap<SocketAddr, Flow>,
     max_flows: usize,
@@ -122,6 +144,7 @@ impl Association {
     pub fn new(control_ip: IpAddr, max_flows: u32) -> Self {
         Self {
             control_ip: control_ip.to_canonical(),
+            declared_port: 0,
             client: None,
             flows: HashMap::new(),
             max_flows: usize::try_from(max_flows).unwrap_or(usize::MAX),
@@ -133,18 +156,30 @@ impl Association {
         self.client
     }
 
+    /// Requires the client to send from `port`, as its request declared (RFC 1928 §7: the
+    /// server may use DST.ADDR and DST.PORT to limit access); 0 declares nothing.
+    pub fn declare_port(&mut self, port: u16) {
+        self.declared_port = port;
+    }
+
     /// Admits a datagram arriving on the client side from `from`, or says why not.
-    pub fn admit_client(&mut self, from: SocketAddr) -> Result<(), DropReason> {
+    pub fn admit_client(&mut self, from: SocketAddr) -> Result<Admission, DropReason> {
         let from = canonical(from);
         match self.client {
-            Some(client) if client == from => Ok(()),
+            Some(client) if client == from => Ok(Admission::Client),
             Some(_) => Err(DropReason::ForeignSource),
-            None if from.ip() == self.control_ip => {
-                self.client = Some(from);
-                Ok(())
+            None if from.ip() == self.control_ip
+                && (self.declared_port == 0 || from.port() == self.declared_port) =>
+            {
+                Ok(Admission::Unclaimed)
             }
             None => Err(DropReason::ForeignSource),
         }
+    }
+
+    /// Makes `from` the client, once its socket's owner is known to be the association's user.
+    pub fn claim(&mut self, from: SocketAddr) {
+        self.client = Some(canonical(from));
     }
 
     /// The decision for a packet to `target`, deciding the flow if it is new or the policy
@@ -272,12 +307,39 @@ mod tests {
             a.admit_client(addr("127.0.0.2:5000")),
             Err(DropReason::ForeignSource)
         );
-        assert_eq!(a.admit_client(addr("[::ffff:127.0.0.1]:5000")), Ok(()));
+        // Until claimed, any port of the control IP is a candidate, none is the client.
+        assert_eq!(
+            a.admit_client(addr("127.0.0.1:4999")),
+            Ok(Admission::Unclaimed)
+        );
+        assert_eq!(a.client(), None);
+        assert_eq!(
+            a.admit_client(addr("[::ffff:127.0.0.1]:5000")),
+            Ok(Admission::Unclaimed)
+        );
+        a.claim(addr("[::ffff:127.0.0.1]:5000"));
         assert_eq!(a.client(), Some(addr("127.0.0.1:5000")));
-        assert_eq!(a.admit_client(addr("127.0.0.1:5000")), Ok(()));
+        assert_eq!(
+            a.admit_client(addr("127.0.0.1:5000")),
+            Ok(Admission::Client)
+        );
         assert_eq!(
             a.admit_client(addr("127.0.0.1:5001")),
             Err(DropReason::ForeignSource)
+        );
+    }
+
+    #[test]
+    fn a_declared_port_is_required() {
+        let mut a = Association::new("127.0.0.1".parse().expect("ip"), 4);
+        a.declare_port(5000);
+        assert_eq!(
+            a.admit_client(addr("127.0.0.1:5001")),
+            Err(DropReason::ForeignSource)
+        );
+        assert_eq!(
+            a.admit_client(addr("127.0.0.1:5000")),
+            Ok(Admission::Unclaimed)
         );
     }
 
@@ -321,7 +383,7 @@ mod tests {
             a.admit_peer(addr("10.1.1.1:9"), b"x", Verdict::Direct, &p1, &user),
             Err(DropReason::UnknownPeer)
         );
-        a.admit_client(addr("127.0.0.1:4000")).expect("client");
+        a.claim(addr("127.0.0.1:4000"));
         assert_eq!(
             a.admit_peer(addr("10.1.1.1:9"), b"x", Verdict::Direct, &p1, &user),
             Ok(addr("127.0.0.1:4000"))
@@ -365,7 +427,7 @@ mod tests {
             a.admit_peer(addr("10.1.1.1:9"), b"x", Verdict::Relay, &p, &user),
             Err(DropReason::UnknownPeer)
         );
-        a.admit_client(addr("127.0.0.1:4000")).expect("client");
+        a.claim(addr("127.0.0.1:4000"));
         // A relayed peer the client never sent to (a peer-reflexive ICE candidate): admitted.
         assert_eq!(
             a.admit_peer(addr("10.1.1.1:9"), b"x", Verdict::Relay, &p, &user),

@@ -4,7 +4,7 @@
 //! module only moves bytes between sockets and does what they say. Shutdown: a cancellation token
 //! stops the accept loop and every session, then [`Server::run`] waits for the tasks to finish.
 
-use super::association::{Association, DropReason, PolicyVersion};
+use super::association::{Admission, Association, DropReason, PolicyVersion};
 use super::codec::{self, Address, Command, Method, Reply};
 use super::passwords::PasswordFile;
 use crate::binding::{BindEvent, Binding, Sent};
@@ -144,11 +144,27 @@ pub(crate) struct Shared {
     pub(crate) counters: Counters,
     /// Bounds how many block decisions are logged per second.
     block_log: Mutex<TokenBucket>,
+    /// Bounds how many refused sources (another user's socket, none) are logged per second.
+    source_log: Mutex<TokenBucket>,
     /// Live sessions and their flows, for status.
     pub(crate) registry: Arc<crate::status::Registry>,
 }
 
 impl Shared {
+    /// Counts a datagram refused for who sent it, and logs it unless many were just logged (a
+    /// flood of forged datagrams must not fill the journal).
+    pub(crate) fn refuse_source(&self, reason: DropReason, client: SocketAddr, user: &str) {
+        self.counters.drop(reason);
+        let log = self
+            .source_log
+            .lock()
+            .map(|mut b| b.take(Instant::now()))
+            .unwrap_or(false);
+        if log {
+            warn!(client = %client, user, reason = reason.as_str(), "datagram refused for the socket that sent it");
+        }
+    }
+
     /// Charges one datagram to `user`'s packet rate; false if over the limit.
     pub(crate) fn take_packet_token(&self, user: &User, policy: &PolicyVersion) -> bool {
         let Ok(mut users) = self.users.lock() else {
@@ -256,6 +272,7 @@ impl Server {
             users: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             block_log: Mutex::new(TokenBucket::new(20, now)),
+            source_log: Mutex::new(TokenBucket::new(20, now)),
             registry: Arc::new(crate::status::Registry::default()),
         });
         Ok(Self { listener, shared })
@@ -394,7 +411,7 @@ async fn handshake(
     shared: &Shared,
     stream: &mut TcpStream,
     peer: SocketAddr,
-) -> Result<(User, codec::Request), SessionError> {
+) -> Result<(User, Option<u32>, codec::Request), SessionError> {
     let mut buf = Vec::with_capacity(64);
     let methods = read_message(stream, &mut buf, codec::decode_greeting).await?;
     let wanted = if shared.config.passwords.is_some() {
@@ -440,15 +457,17 @@ async fn handshake(
     // login name alone.
     let local = stream.local_addr()?;
     let user = match identity::client_uid(local, peer) {
-        Ok(Some(uid)) => identity::user_of_uid(uid).map_err(|e| e.to_string()),
+        Ok(Some(uid)) => identity::user_of_uid(uid)
+            .map(|u| (u, Some(uid)))
+            .map_err(|e| e.to_string()),
         Ok(None) => login
             .as_deref()
-            .map(identity::user_named)
+            .map(|name| (identity::user_named(name), None))
             .ok_or_else(|| "not a local socket and no login".to_owned()),
         Err(e) => Err(e.to_string()),
     };
     match user {
-        Ok(user) => Ok((user, request)),
+        Ok((user, uid)) => Ok((user, uid, request)),
         Err(e) => {
             warn!(client = %peer, error = %e, "cannot tell who the client is");
             Err(refuse(stream, Reply::GeneralFailure).await)
@@ -508,7 +527,7 @@ async fn serve<'a>(
 ) -> Result<Option<UdpSession<'a>>, SessionError> {
     let _ = stream.set_nodelay(true);
     let handshake = handshake(shared, &mut stream, peer);
-    let (user, request) = tokio::select! {
+    let (user, uid, request) = tokio::select! {
         _ = shutdown.cancelled() => return Ok(None),
         r = Box::pin(tokio::time::timeout(shared.config.handshake_timeout, handshake)) => {
             r.map_err(|_| SessionError::Timeout)??
@@ -538,7 +557,7 @@ async fn serve<'a>(
                 shared,
                 stream,
                 peer,
-                user,
+                (user, uid),
                 &request.address,
                 limits.max_flows_per_association,
             )
@@ -685,6 +704,11 @@ const BATCH: usize = 64;
 struct Relay<'a> {
     shared: &'a Shared,
     user: User,
+    /// The control connection's uid, for a local client: its datagrams must come from a socket
+    /// of this uid.
+    uid: Option<u32>,
+    /// The association's UDP address (the client socket's).
+    bound: SocketAddr,
     association: Association,
     /// Shared with [`Relay::drain_client`]'s receive while it hands datagrams to `self`.
     client_socket: Arc<UdpSocket>,
@@ -791,9 +815,29 @@ impl Relay<'_> {
 
     fn client_datagram(&mut self, from: SocketAddr, datagram: &[u8]) -> Option<Unresolved> {
         let counters = &self.shared.counters;
-        if let Err(reason) = self.association.admit_client(from) {
-            counters.drop(reason);
-            return None;
+        match self.association.admit_client(from) {
+            Ok(Admission::Client) => {}
+            Ok(Admission::Unclaimed) => {
+                // A local client: the socket that sent must be its user's (every local user
+                // shares 127.0.0.1, and anyone can read the association's port in
+                // /proc/net/udp). A remote client is known by its address alone.
+                if let Some(uid) = self.uid {
+                    let refused = match identity::udp_source_uid(from, self.bound) {
+                        Ok(Some(owner)) if owner == uid => None,
+                        Ok(Some(_)) | Err(_) => Some(DropReason::ForeignOwner),
+                        Ok(None) => Some(DropReason::NoSocket),
+                    };
+                    if let Some(reason) = refused {
+                        self.shared.refuse_source(reason, from, self.user.name());
+                        return None;
+                    }
+                }
+                self.association.claim(from);
+            }
+            Err(reason) => {
+                counters.drop(reason);
+                return None;
+            }
         }
         let parsed = match codec::decode_datagram(datagram) {
             Ok(d) => d,
@@ -1020,7 +1064,7 @@ async fn associate<'a>(
     shared: &'a Shared,
     mut control: TcpStream,
     peer: SocketAddr,
-    user: User,
+    (user, uid): (User, Option<u32>),
     declared: &Address,
     max_flows: u32,
 ) -> Result<(TcpStream, Relay<'a>), SessionError> {
@@ -1059,10 +1103,17 @@ async fn associate<'a>(
     }
 
     let live = shared.registry.open(user.name(), peer, "socks5");
+    let mut association = Association::new(peer.ip(), max_flows);
+    association.declare_port(match declared {
+        Address::Ip(a) => a.port(),
+        Address::Domain(_, port) => *port,
+    });
     let relay = Relay {
         shared,
         user,
-        association: Association::new(peer.ip(), max_flows),
+        uid,
+        bound,
+        association,
         client_socket: Arc::new(client_socket),
         out_v4: None,
         out_v6: None,
