@@ -159,7 +159,7 @@ impl Binding {
         if let Some(bind) = self.bind.as_mut() {
             match bind.send(target, payload) {
                 Ok(()) => return Ok(Sent::Now),
-                Err(SendError::TooLarge) => return Err(DropReason::TooLarge),
+                Err(SendError::Backlog) => return Err(DropReason::TooLarge),
                 Err(SendError::Closed) => self.bind = None,
             }
         }

@@ -193,7 +193,7 @@ pub fn relay_endpoint_config(
 /// Media needs 1200-byte datagrams through the tunnel, so the path MTU is chosen on purpose:
 /// start at 1400 (fits any Ethernet or Wi-Fi path with room for tunnel headers), let path MTU
 /// discovery go up to 1452, and never assume less than 1280 (the IPv6 minimum). A datagram too
-/// large for the path at the moment is dropped and counted by the caller.
+/// large for the path at the moment goes as a DATAGRAM capsule on its request stream instead.
 pub fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     // Keep-alives (a few bytes a second) mean a working path delivers something every second,

@@ -80,11 +80,16 @@ pub enum OpenError {
 /// Why a datagram could not be sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SendError {
-    /// Too large for a QUIC DATAGRAM frame on the path right now: dropped.
-    TooLarge,
+    /// Too large for a QUIC DATAGRAM frame, and the request stream already holds
+    /// [`MAX_QUEUED_CAPSULES`] bytes waiting for the relay: dropped.
+    Backlog,
     /// The bind or the connection is gone.
     Closed,
 }
+
+/// Bytes of DATAGRAM capsules a bind may have waiting on its request stream (a few of the
+/// largest datagrams, or a couple of hundred SIP messages).
+const MAX_QUEUED_CAPSULES: usize = 256 << 10;
 
 /// Datagrams from the relay held for one bind while its owner is busy; more are dropped.
 const INBOUND_QUEUE: usize = 1024;
@@ -661,6 +666,14 @@ fn drive_bind_stream(
                         let mut broken = false;
                         while let Ok(Some((capsule, n))) = wire::decode_capsule(buf.get(used..).unwrap_or_default()) {
                             used += n;
+                            if let wire::Capsule::Datagram(value) = capsule {
+                                // Queued like one from a DATAGRAM frame: the same prefix.
+                                let mut d = Vec::with_capacity(8 + value.len());
+                                wire::write_varint(&mut d, quarter);
+                                d.extend_from_slice(&value);
+                                state.deliver(Bytes::from(d));
+                                continue;
+                            }
                             let reply = state.inner.lock().map_err(|_| ()).and_then(|mut i| i.contexts.on_capsule(&capsule).map_err(|_| ()));
                             match reply {
                                 Ok(Some(r)) => r.encode(&mut replies),
@@ -669,6 +682,9 @@ fn drive_bind_stream(
                             }
                         }
                         buf.drain(..used);
+                        if buf.is_empty() && buf.capacity() > 4096 {
+                            buf = Vec::new();
+                        }
                         if broken || wire::decode_capsule(&buf).is_err() {
                             warn!("relay broke the capsule protocol; closing the bind");
                             break;
@@ -727,11 +743,28 @@ impl Bind {
             wire::write_uncompressed_address(&mut d, peer);
         }
         d.extend_from_slice(payload);
-        match self.conn.send_datagram(Bytes::from(d)) {
-            Ok(()) => Ok(()),
-            Err(quinn::SendDatagramError::TooLarge) => Err(SendError::TooLarge),
-            Err(_) => Err(SendError::Closed),
+        if self
+            .conn
+            .max_datagram_size()
+            .is_some_and(|max| d.len() <= max)
+        {
+            return match self.conn.send_datagram(Bytes::from(d)) {
+                Ok(()) => Ok(()),
+                Err(_) => Err(SendError::Closed),
+            };
         }
+        // Larger than a DATAGRAM frame on this path (a SIP INVITE with many candidates, a
+        // video frame a sender did not split): a DATAGRAM capsule on the request stream
+        // (RFC 9297 §3.5), the HTTP Datagram without its quarter stream ID.
+        let value = d.split_off(wire::varint_len(self.quarter));
+        let mut inner = self.state.inner.lock().map_err(|_| SendError::Closed)?;
+        if inner.capsules.len() + value.len() > MAX_QUEUED_CAPSULES {
+            return Err(SendError::Backlog);
+        }
+        wire::Capsule::Datagram(value).encode(&mut inner.capsules);
+        drop(inner);
+        self.state.capsules_ready.notify_one();
+        Ok(())
     }
 
     /// The next datagram from a peer: its address and UDP payload. `None` once the bind is

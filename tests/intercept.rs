@@ -898,3 +898,33 @@ fn a_held_datagram_goes_out_when_its_bind_opens_unless_the_policy_changed_meanwh
     firewall_remove(&t);
     drop(relay);
 }
+
+/// An intercepted app's datagrams of any size reach the peer through the relay and come back
+/// whole: those larger than a QUIC DATAGRAM frame as DATAGRAM capsules on the bind's stream.
+#[test]
+fn an_intercepted_apps_large_datagrams_are_relayed_whole() {
+    let t = topology();
+    let (_pki, relay, echo, sidecar) = start_managed(&t);
+    let capture = leak_capture(&t);
+    let sizes = [1413, 1500, 8000, 65_000];
+    let bursts: Vec<String> = sizes.iter().map(|s| format!("burst:1:{s}")).collect();
+    let bursts: Vec<&str> = bursts.iter().map(String::as_str).collect();
+    let lines = send_as(&t, Some("nobody"), MANAGED_ECHO, "3", &bursts);
+    assert_eq!(
+        lines,
+        sizes.map(|_| format!("burst {MANAGED_ECHO} 1/1 intact")),
+        "sidecar log: {:?}",
+        sidecar.log().iter().rev().take(10).collect::<Vec<_>>()
+    );
+    let seen = echo.seen();
+    assert_eq!(seen.iter().map(|(_, d)| d.len()).collect::<Vec<_>>(), sizes);
+    assert!(
+        seen.iter().all(|(f, _)| f.ip().to_string() == RELAY_IP),
+        "{seen:?}"
+    );
+    let leaked = capture.stop();
+    assert!(leaked.is_empty(), "managed UDP left directly: {leaked:?}");
+    drop(sidecar);
+    firewall_remove(&t);
+    drop(relay);
+}

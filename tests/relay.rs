@@ -606,3 +606,41 @@ fn a_public_port_is_handed_over_only_to_the_same_user() {
         .count();
     assert_eq!(handed, 4, "{}", relay.log().join("\n"));
 }
+
+/// aioquic sends datagrams of every size as DATAGRAM capsules on the bind's request stream
+/// (RFC 9297 §3.5); the relay sends them on, and answers each echo as a DATAGRAM frame where one
+/// fits and as a capsule where none does.
+#[test]
+fn aioquic_datagram_capsules_of_any_size_are_relayed_both_ways() {
+    let pki = Pki::generate("localhost");
+    let relay = relay_with(&pki, "allow = [\"127.0.0.0/8\"]\n");
+    let echo = UdpEcho::spawn("127.0.0.2:0");
+    let lines = masque(
+        relay.addr,
+        &pki,
+        true,
+        &[
+            "capsules",
+            &echo.addr.to_string(),
+            "500",
+            "1413",
+            "8000",
+            "65000",
+        ],
+    );
+    assert_eq!(
+        lines,
+        [
+            "status 200",
+            "echo 500 frame intact",
+            "echo 1413 capsule intact",
+            "echo 8000 capsule intact",
+            "echo 65000 capsule intact",
+        ]
+    );
+    let sizes: Vec<usize> = echo.seen().iter().map(|(_, d)| d.len()).collect();
+    assert_eq!(sizes, [500, 1413, 8000, 65_000]);
+    let log = relay.stop();
+    assert_eq!(final_count(&log, "datagrams_out"), 4);
+    assert_eq!(final_count(&log, "dropped_too_large"), 0);
+}

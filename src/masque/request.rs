@@ -221,7 +221,8 @@ impl ProxyContexts {
                 self.closed.insert(context_id);
                 Ok(None)
             }
-            Capsule::Unknown { .. } => Ok(None),
+            // Datagrams are the shell's to deliver.
+            Capsule::Datagram(_) | Capsule::Unknown { .. } => Ok(None),
         }
     }
 
@@ -364,7 +365,8 @@ impl ClientContexts {
                 // compressed, it registers itself.
                 Ok(Some(Capsule::CompressionClose { context_id }))
             }
-            Capsule::Unknown { .. } => Ok(None),
+            // Datagrams are the shell's to deliver.
+            Capsule::Datagram(_) | Capsule::Unknown { .. } => Ok(None),
         }
     }
 

@@ -39,8 +39,10 @@ pub const CAPSULE_COMPRESSION_ACK: u64 = 0x12;
 /// Capsule type of COMPRESSION_CLOSE.
 pub const CAPSULE_COMPRESSION_CLOSE: u64 = 0x13;
 
-/// The longest capsule veil accepts; longer ones abort the stream (a bind's capsules are tiny).
-pub const MAX_CAPSULE_LEN: u64 = 65_536;
+/// The longest capsule veil accepts: a DATAGRAM capsule carrying the largest UDP payload
+/// (65,527 bytes over IPv6) behind a context ID and an uncompressed address; longer ones abort
+/// the stream.
+pub const MAX_CAPSULE_LEN: u64 = 65_536 + 64;
 
 /// Why bytes are not a valid MASQUE message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -121,6 +123,12 @@ pub fn decode_http_datagram(buf: &[u8]) -> Result<HttpDatagram<'_>, Error> {
         context_id,
         payload,
     })
+}
+
+/// Splits an HTTP Datagram payload (a DATAGRAM capsule's value) into context ID and the rest.
+pub fn split_context(value: &[u8]) -> Result<(u64, &[u8]), Error> {
+    let (context_id, used) = read_varint(value)?;
+    Ok((context_id, value.get(used..).ok_or(Error::Truncated)?))
 }
 
 /// Writes the HTTP Datagram prefix: quarter stream ID and context ID.
@@ -206,6 +214,10 @@ pub enum Capsule {
         /// The closed context.
         context_id: u64,
     },
+    /// DATAGRAM (RFC 9297 §3.5): an HTTP Datagram's payload (context ID, then the bind
+    /// extension's payload) sent on the request stream, for one too large for a QUIC DATAGRAM
+    /// frame on the path.
+    Datagram(Vec<u8>),
     /// Any other type, skipped as RFC 9297 §3.2 requires (its value is not kept).
     Unknown {
         /// The capsule type.
@@ -233,6 +245,12 @@ impl Capsule {
             Self::CompressionClose { context_id } => {
                 write_varint(&mut value, *context_id);
                 CAPSULE_COMPRESSION_CLOSE
+            }
+            Self::Datagram(payload) => {
+                write_varint(out, CAPSULE_DATAGRAM);
+                write_varint(out, payload.len() as u64);
+                out.extend_from_slice(payload);
+                return;
             }
             Self::Unknown { capsule_type } => *capsule_type,
         };
@@ -292,6 +310,7 @@ pub fn decode_capsule(buf: &[u8]) -> Result<Option<(Capsule, usize)>, Error> {
         CAPSULE_COMPRESSION_CLOSE => Capsule::CompressionClose {
             context_id: context_only(value)?,
         },
+        CAPSULE_DATAGRAM => Capsule::Datagram(value.to_vec()),
         other => Capsule::Unknown {
             capsule_type: other,
         },
@@ -303,6 +322,27 @@ pub fn decode_capsule(buf: &[u8]) -> Result<Option<(Capsule, usize)>, Error> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_datagram_capsule_carries_the_largest_udp_payload() {
+        let mut value = Vec::new();
+        write_varint(&mut value, 2);
+        write_uncompressed_address(&mut value, "[2001:db8::1]:5060".parse().expect("addr"));
+        value.extend(std::iter::repeat_n(7u8, 65_527));
+        let mut out = Vec::new();
+        Capsule::Datagram(value.clone()).encode(&mut out);
+        let (c, used) = decode_capsule(&out).expect("valid").expect("whole");
+        assert_eq!((c, used), (Capsule::Datagram(value.clone()), out.len()));
+        let (context, rest) = split_context(&value).expect("context");
+        assert_eq!((context, rest.len()), (2, 19 + 65_527));
+        // Cut short, it waits for more.
+        assert_eq!(decode_capsule(&out[..out.len() - 1]), Ok(None));
+        for v in [0, 63, 64, 16_383, 16_384, 1 << 30, VARINT_MAX] {
+            let mut b = Vec::new();
+            write_varint(&mut b, v);
+            assert_eq!(varint_len(v), b.len(), "{v}");
+        }
+    }
 
     #[test]
     fn varints_match_rfc9000_examples() {

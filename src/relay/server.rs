@@ -52,8 +52,11 @@ pub struct RelayCounters {
     pub dropped_quota: AtomicU64,
     /// Dropped: a context or request the relay does not know.
     pub dropped_unknown: AtomicU64,
-    /// Dropped: too large for a QUIC DATAGRAM frame on the path.
+    /// Dropped: too large for a QUIC DATAGRAM frame on the path, with the request stream's
+    /// backlog of DATAGRAM capsules full.
     pub dropped_too_large: AtomicU64,
+    /// Dropped: the bind's socket refused the send (buffer full, or an error).
+    pub dropped_send_failed: AtomicU64,
     /// Dropped: a peer the client has not sent to (address-dependent filtering).
     pub dropped_inbound_filter: AtomicU64,
     /// Requests accepted.
@@ -72,6 +75,7 @@ impl RelayCounters {
             ("dropped_quota", &self.dropped_quota),
             ("dropped_unknown", &self.dropped_unknown),
             ("dropped_too_large", &self.dropped_too_large),
+            ("dropped_send_failed", &self.dropped_send_failed),
             ("dropped_inbound_filter", &self.dropped_inbound_filter),
             ("requests_accepted", &self.requests_accepted),
             ("requests_refused", &self.requests_refused),
@@ -695,7 +699,8 @@ fn forward(
 fn count_sent(shared: &Shared, sent: crate::batch::Sent) {
     let c = &shared.counters;
     c.datagrams_out.fetch_add(sent.ok, Ordering::Relaxed);
-    c.dropped_quota.fetch_add(sent.failed, Ordering::Relaxed);
+    c.dropped_send_failed
+        .fetch_add(sent.failed, Ordering::Relaxed);
 }
 
 /// A refusal: status, `Proxy-Status` error and details.
@@ -1154,8 +1159,11 @@ impl OpenUdp {
                         if r.is_err() {
                             break "socket error";
                         }
-                        if to_client(shared, &self.conn, tunnel, self.quarter).is_err() {
+                        let Ok(capsules) = to_client(shared, &self.conn, tunnel, self.quarter) else {
                             break "connection lost";
+                        };
+                        if !capsules.is_empty() && Box::pin(self.stream.send_data(Bytes::from(capsules))).await.is_err() {
+                            break "stream closed";
                         }
                     }
                 }
@@ -1174,6 +1182,21 @@ fn handle_capsules(shared: &Shared, tunnel: &Tunnel, buf: &mut Vec<u8>) -> Resul
         wire::decode_capsule(buf.get(used..).unwrap_or_default()).map_err(|e| e.to_string())?
     {
         used += n;
+        if let wire::Capsule::Datagram(value) = &capsule {
+            // A datagram too large for the client's DATAGRAM frames: sent on like one.
+            let (context, payload) = wire::split_context(value).map_err(|e| e.to_string())?;
+            if let Some((to, udp)) = tunnel.admit_from_client(shared, context, payload) {
+                let sent = match to {
+                    Some(to) => tunnel.socket.try_send_to(udp, to),
+                    None => tunnel.socket.try_send(udp),
+                };
+                match sent {
+                    Ok(_) => bump(&shared.counters.datagrams_out),
+                    Err(_) => bump(&shared.counters.dropped_send_failed),
+                }
+            }
+            continue;
+        }
         if let Mode::Bind(contexts) = &tunnel.mode {
             let mut table = contexts.lock().map_err(|_| "lock poisoned".to_owned())?;
             let reply = table
@@ -1185,25 +1208,34 @@ fn handle_capsules(shared: &Shared, tunnel: &Tunnel, buf: &mut Vec<u8>) -> Resul
         }
     }
     buf.drain(..used);
+    if buf.is_empty() && buf.capacity() > 4096 {
+        // A large DATAGRAM capsule passed: an idle bind keeps no buffer for it.
+        *buf = Vec::new();
+    }
     Ok(replies)
 }
 
-/// Drains the bind's socket into datagrams to the client, a burst per `recvmmsg`. Err if the
-/// connection is gone. The shared `datagrams_in` counter is added to once per wake-up, not per
-/// datagram (the relay's threads share it).
+/// Bytes of DATAGRAM capsules one wake-up of a bind may write on its request stream.
+const MAX_CAPSULES_PER_WAKE: usize = 256 << 10;
+
+/// Drains the bind's socket into datagrams to the client, a burst per `recvmmsg`; returns the
+/// DATAGRAM capsules to write on the request stream for those too large for a DATAGRAM frame.
+/// Err if the connection is gone. The shared `datagrams_in` counter is added to once per
+/// wake-up, not per datagram (the relay's threads share it).
 fn to_client(
     shared: &Shared,
     conn: &quinn::Connection,
     tunnel: &Tunnel,
     quarter: u64,
-) -> Result<(), ()> {
+) -> Result<Vec<u8>, ()> {
     let mut sent = 0;
+    let mut capsules = Vec::new();
     let mut outcome = Ok(());
     for _ in 0..4 {
         let mut lost = false;
         let received = crate::batch::recv_burst(&tunnel.socket, tunnel.v6, |from, slot, n| {
             let payload = slot.get(HEADROOM..HEADROOM + n).unwrap_or_default();
-            match one_to_client(shared, conn, tunnel, quarter, from, payload) {
+            match one_to_client(shared, conn, tunnel, quarter, from, payload, &mut capsules) {
                 Ok(true) => sent += 1,
                 Ok(false) => {}
                 Err(()) => lost = true,
@@ -1221,7 +1253,7 @@ fn to_client(
         .counters
         .datagrams_in
         .fetch_add(sent, Ordering::Relaxed);
-    outcome
+    outcome.map(|()| capsules)
 }
 
 /// One datagram from a peer: checked, charged, and sent to the client (true) or dropped and
@@ -1233,6 +1265,7 @@ fn one_to_client(
     quarter: u64,
     from: SocketAddr,
     payload: &[u8],
+    capsules: &mut Vec<u8>,
 ) -> Result<bool, ()> {
     let c = &shared.counters;
     let from = SocketAddr::new(from.ip().to_canonical(), from.port());
@@ -1268,9 +1301,21 @@ fn one_to_client(
         wire::write_uncompressed_address(&mut datagram, from);
     }
     datagram.extend_from_slice(payload);
+    if conn
+        .max_datagram_size()
+        .is_none_or(|max| datagram.len() > max)
+    {
+        // RFC 9297 §3.5: on the request stream instead, without the quarter stream ID.
+        if capsules.len() + datagram.len() > MAX_CAPSULES_PER_WAKE {
+            bump(&c.dropped_too_large);
+            return Ok(false);
+        }
+        let value = datagram.split_off(wire::varint_len(quarter));
+        wire::Capsule::Datagram(value).encode(capsules);
+        return Ok(true);
+    }
     match conn.send_datagram(Bytes::from(datagram)) {
         Ok(()) => return Ok(true),
-        Err(quinn::SendDatagramError::TooLarge) => bump(&c.dropped_too_large),
         Err(quinn::SendDatagramError::ConnectionLost(_)) => return Err(()),
         Err(_) => bump(&c.dropped_unknown),
     }

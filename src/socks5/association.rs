@@ -41,7 +41,8 @@ pub enum DropReason {
     UnknownPeer,
     /// The socket could not take the datagram (buffer full, or an error).
     SendFailed,
-    /// Too large for the tunnel's path right now.
+    /// Too large for a QUIC DATAGRAM frame, with the bind's request stream already holding as
+    /// many DATAGRAM capsules as it may.
     TooLarge,
     /// The sending socket belongs to another user than the association's.
     ForeignOwner,

@@ -11,6 +11,9 @@ modes:
   targets HOST:PORT ...     one unextended CONNECT-UDP request per target; prints
                             `target T STATUS PROXY-STATUS`.
   binds N                   N bind requests at once; prints `bind I STATUS PROXY-STATUS`.
+  capsules ECHO SIZE ...    one bind; per size, a datagram of SIZE bytes sent as a DATAGRAM
+                            capsule on the request stream (RFC 9297 §3.5); prints
+                            `echo SIZE frame|capsule intact|corrupt` or `no-echo SIZE`.
 On a failed handshake prints `handshake-failed ERROR`.
 """
 import argparse
@@ -142,6 +145,8 @@ async def run(a):
                 await bind(client, a)
             elif a.mode == "burst":
                 await burst(client, a)
+            elif a.mode == "capsules":
+                await capsules(client, a)
             elif a.mode == "targets":
                 for t in a.args:
                     ip, port = address(t)
@@ -174,6 +179,35 @@ async def burst(client, a):
     while await recv_datagram(client, 2.0):
         replies += 1
     print("sent", count, "replies", replies, flush=True)
+
+
+async def capsules(client, a):
+    sid, fut = await client.request("/.well-known/masque/udp/%2A/%2A/", a.user, True)
+    client.send_capsule(sid, capsule(0x11, varint(2) + b"\x00"))
+    h = await asyncio.wait_for(fut, 5)
+    print("status", h.get(b":status", b"").decode(), flush=True)
+    ip, port = address(a.args[0])
+    header = len(uncompressed(ip, port, b""))
+    for size in map(int, a.args[1:]):
+        payload = (b"c%d#" % size).ljust(size, b"x")
+        client.send_capsule(sid, capsule(0x00, varint(2) + uncompressed(ip, port, payload)))
+        got = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 3
+        while got is None and loop.time() < deadline:
+            d = await recv_datagram(client, 0.05)
+            if d:
+                ctx, at = read_varint(d[1])
+                got = ("frame", d[1][at + header:])
+                break
+            for ctype, value in client.capsules(sid):
+                if ctype == 0x00:
+                    ctx, at = read_varint(value)
+                    got = ("capsule", value[at + header:])
+        if got:
+            print("echo", size, got[0], "intact" if got[1] == payload else "corrupt", flush=True)
+        else:
+            print("no-echo", size, flush=True)
 
 
 async def bind(client, a):
@@ -243,7 +277,7 @@ def main():
     p.add_argument("--user", default="alice")
     p.add_argument("--preferred-port", type=int, help="bind mode: ask for this public port (veil-preferred-port)")
     p.add_argument("--linger", type=float, default=0.0, help="bind mode: then wait this long and report any datagram")
-    p.add_argument("mode", choices=["bind", "targets", "binds", "burst"])
+    p.add_argument("mode", choices=["bind", "targets", "binds", "burst", "capsules"])
     p.add_argument("args", nargs="*")
     a = p.parse_args()
     asyncio.run(run(a))
