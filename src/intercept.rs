@@ -278,10 +278,10 @@ async fn app(
     let Some(user) = owner(source, first_destination) else {
         // No socket sends from there (a raw socket's forgery, or one already closed): counted
         // and logged at a bounded rate, since each forged source port comes here once.
-        shared.refuse_source(DropReason::NoSocket, source, "unknown");
         while rx.try_recv().is_ok() {
             shared.counters.drop(DropReason::NoSocket);
         }
+        shared.log_refused_source(DropReason::NoSocket, source, "unknown");
         return;
     };
     let limits = shared.policy.load().policy.limits(&user);

@@ -928,3 +928,75 @@ fn an_intercepted_apps_large_datagrams_are_relayed_whole() {
     firewall_remove(&t);
     drop(relay);
 }
+
+/// Forges UDP with a raw socket (a managed user given `CAP_NET_RAW`), each datagram from a
+/// source port no socket owns.
+const FORGER: &str = r#"
+import socket, struct, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+for i in range(n):
+    payload = b"forged"
+    # Source port, destination port, length, no checksum (IPv4 allows 0).
+    s.sendto(struct.pack("!HHHH", 40000 + i, port, 8 + len(payload), 0) + payload, (host, 0))
+"#;
+
+/// Forged datagrams from ports with no socket behind them are dropped as `no_socket`, never
+/// relayed, and the journal gets a bounded number of lines for them, not one per datagram.
+#[test]
+fn forged_udp_from_ports_without_a_socket_is_dropped_and_logged_at_a_bounded_rate() {
+    let t = topology();
+    let (_pki, relay, echo, sidecar) = start_managed(&t);
+    let capture = leak_capture(&t);
+    let (host, port) = MANAGED_ECHO.rsplit_once(':').expect("target");
+    let out = t
+        .command("c", "setpriv")
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--inh-caps=+net_raw",
+            "--ambient-caps=+net_raw",
+            "/usr/bin/python3",
+            "-c",
+            FORGER,
+            host,
+            port,
+            "300",
+        ])
+        .output()
+        .expect("forger");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let counted = |status: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("dropped_no_socket "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while counted(&sidecar.status()) < 300 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = sidecar.status();
+    assert_eq!(counted(&status), 300, "{status}");
+    let lines = sidecar
+        .log()
+        .iter()
+        .filter(|l| l.contains("no_socket"))
+        .count();
+    assert!(
+        (1..=60).contains(&lines),
+        "{lines} log lines for 300 forged datagrams"
+    );
+    assert!(echo.seen().is_empty(), "forged datagrams reached the peer");
+    let leaked = capture.stop();
+    assert!(leaked.is_empty(), "{leaked:?}");
+    drop(sidecar);
+    firewall_remove(&t);
+    drop(relay);
+}

@@ -151,10 +151,9 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Counts a datagram refused for who sent it, and logs it unless many were just logged (a
-    /// flood of forged datagrams must not fill the journal).
-    pub(crate) fn refuse_source(&self, reason: DropReason, client: SocketAddr, user: &str) {
-        self.counters.drop(reason);
+    /// Logs a datagram refused for the socket that sent it, unless many were just logged (a
+    /// flood of forged datagrams must not fill the journal). The caller counts it.
+    pub(crate) fn log_refused_source(&self, reason: DropReason, client: SocketAddr, user: &str) {
         let log = self
             .source_log
             .lock()
@@ -828,7 +827,9 @@ impl Relay<'_> {
                         Ok(None) => Some(DropReason::NoSocket),
                     };
                     if let Some(reason) = refused {
-                        self.shared.refuse_source(reason, from, self.user.name());
+                        counters.drop(reason);
+                        self.shared
+                            .log_refused_source(reason, from, self.user.name());
                         return None;
                     }
                 }
