@@ -749,7 +749,18 @@ async fn serve_sidecar(
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = hangup.recv() => match &policy_dir {
-                Some(dir) => match load_policy(dir) {
+                // Parsed and compiled on a blocking thread: the sidecar has one runtime
+                // thread, and a large policy would stall every flow while it parses.
+                Some(dir) => match tokio::task::spawn_blocking({
+                    let dir = dir.clone();
+                    move || load_policy(&dir)
+                })
+                .await
+                .unwrap_or_else(|e| Err(policy::PolicyErrors(vec![policy::LoadError::Path {
+                    path: dir.display().to_string(),
+                    message: format!("loading failed: {e}"),
+                }])))
+                {
                     Ok(p) => {
                         let _ = veil::notify::reloading();
                         // The ruleset first, in one transaction; only if it went in is the new

@@ -5,7 +5,10 @@
 //! with their own PKI point the relay and sidecar configs at their files instead.
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -85,10 +88,14 @@ pub fn generate(relay_names: &[String], clients: &[String]) -> Result<Pki, Error
     let ca_key_pem = ca_key.serialize_pem();
     let issuer = Issuer::new(ca_params, ca_key);
 
-    let leaf = |names: Vec<String>, cn: &str| -> Result<Identity, Error> {
+    // Each leaf says what it is for (RFC 5280 extended key usage), so that the relay's
+    // certificate cannot serve as a sidecar's client certificate, nor a sidecar's as a relay's:
+    // rustls (webpki) checks the purpose on both ends.
+    let leaf = |names: Vec<String>, cn: &str, purpose| -> Result<Identity, Error> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(names)?;
         params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![purpose];
         let cert = params.signed_by(&key, &issuer)?;
         Ok(Identity {
             cert_pem: cert.pem(),
@@ -98,10 +105,14 @@ pub fn generate(relay_names: &[String], clients: &[String]) -> Result<Pki, Error
     let relay = leaf(
         relay_names.to_vec(),
         relay_names.first().map_or("veil relay", String::as_str),
+        ExtendedKeyUsagePurpose::ServerAuth,
     )?;
     let clients = clients
         .iter()
-        .map(|name| Ok((name.clone(), leaf(Vec::new(), name)?)))
+        .map(|name| {
+            let id = leaf(Vec::new(), name, ExtendedKeyUsagePurpose::ClientAuth)?;
+            Ok((name.clone(), id))
+        })
         .collect::<Result<Vec<_>, Error>>()?;
     Ok(Pki {
         ca_cert_pem: ca_cert.pem(),

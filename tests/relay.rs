@@ -644,3 +644,82 @@ fn aioquic_datagram_capsules_of_any_size_are_relayed_both_ways() {
     assert_eq!(final_count(&log, "datagrams_out"), 4);
     assert_eq!(final_count(&log, "dropped_too_large"), 0);
 }
+
+/// Certificates say what they are for: the relay's own certificate (server authentication
+/// only) is refused as a client certificate, while the sidecar's (client authentication) is
+/// accepted.
+#[test]
+fn the_relays_own_certificate_is_not_accepted_as_a_clients() {
+    let pki = Pki::generate("localhost");
+    let relay = relay_with(&pki, "allow = [\"127.0.0.0/8\"]\n");
+    let echo = UdpEcho::spawn("127.0.0.2:0");
+    let out = Command::new(python())
+        .arg(client_script("masque_client.py"))
+        .arg(relay.addr.ip().to_string())
+        .arg(relay.addr.port().to_string())
+        .args(["--name", "localhost", "--ca"])
+        .arg(pki.path("ca.crt"))
+        .arg("--cert")
+        .arg(pki.path("relay.crt"))
+        .arg("--key")
+        .arg(pki.path("relay.key"))
+        .args(["bind", &echo.addr.to_string()])
+        .output()
+        .expect("aioquic client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("status 200"),
+        "the relay accepted its own certificate from a client: {text}"
+    );
+    assert!(echo.seen().is_empty());
+    let good = masque(relay.addr, &pki, true, &["bind", &echo.addr.to_string()]);
+    assert_eq!(good.first().map(String::as_str), Some("status 200 bind ?1"));
+}
+
+/// Hostile request fields get an answer, never silence, and cannot forge log lines: a target
+/// with a NUL, newline or carriage return is a 400, so is a `veil-user` outside the user-name
+/// characters; each refusal is logged with the client's address (and the user, once known).
+#[test]
+fn hostile_targets_and_user_names_are_refused_with_400_and_logged_with_the_client() {
+    let pki = Pki::generate("localhost");
+    let relay = relay_with(&pki, "allow = [\"127.0.0.0/8\"]\n");
+    let paths: Vec<String> = ["%00", "%0A", "%0D"]
+        .iter()
+        .map(|c| format!("/.well-known/masque/udp/127.0.0.2{c}x/9/"))
+        .collect();
+    let mut args = vec!["paths"];
+    args.extend(paths.iter().map(String::as_str));
+    let lines = masque(relay.addr, &pki, true, &args);
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for l in &lines {
+        assert!(l.contains(" 400 "), "{l}");
+    }
+    for user in ["al ice", "bob\"x", "eve=\"root\""] {
+        let out = masque_client(relay.addr, &pki, true)
+            .args([
+                "--user",
+                user,
+                "paths",
+                "/.well-known/masque/udp/127.0.0.2/9/",
+            ])
+            .output()
+            .expect("aioquic client");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(" 400 "), "{user:?}: {text}");
+    }
+    let log = relay.stop();
+    let refusals: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains("request refused"))
+        .collect();
+    assert_eq!(refusals.len(), 6, "{log:#?}");
+    assert!(
+        refusals.iter().all(|l| l.contains("client=127.0.0.1:")),
+        "{refusals:#?}"
+    );
+    assert!(
+        !log.iter()
+            .any(|l| l.contains("user=eve") || l.contains("user=al ice")),
+        "a refused user name reached the log as a field: {log:#?}"
+    );
+}

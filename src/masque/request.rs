@@ -89,7 +89,9 @@ pub fn parse_path(path: &str) -> Result<UdpTarget, PathError> {
         .ok()
         .filter(|p| *p != 0)
         .ok_or(PathError::Port)?;
-    if host.is_empty() || host == "*" {
+    // A name or an address: never a control character or white space (a NUL or newline would
+    // reach the resolver and the logs).
+    if host.is_empty() || host == "*" || !host.chars().all(|c| c.is_ascii_graphic()) {
         return Err(PathError::Host);
     }
     Ok(UdpTarget::Host { host, port })
@@ -151,6 +153,10 @@ pub enum ContextError {
     /// The proxy tried to register an uncompressed context (only clients may).
     #[error("the proxy may not open an uncompressed context")]
     ProxyUncompressed,
+    /// More contexts closed on one request than the proxy remembers (it must remember them
+    /// to refuse their reuse, and memory per request is bounded).
+    #[error("more than {0} contexts closed on one request")]
+    TooManyClosed(usize),
 }
 
 /// The proxy's view of one bound request's contexts.
@@ -170,6 +176,16 @@ impl ProxyContexts {
             max,
             ..Self::default()
         }
+    }
+
+    /// Remembers `context_id` as closed, up to a bound tied to the table's size.
+    fn close(&mut self, context_id: u64) -> Result<(), ContextError> {
+        let cap = (self.max * 16).max(1024);
+        if self.closed.len() >= cap && !self.closed.contains(&context_id) {
+            return Err(ContextError::TooManyClosed(cap));
+        }
+        self.closed.insert(context_id);
+        Ok(())
     }
 
     /// Handles a capsule from the client. `permits` says whether a peer may be registered.
@@ -202,7 +218,7 @@ impl ProxyContexts {
                             return Err(ContextError::RepeatedTuple(peer));
                         }
                         if self.by_id.len() >= self.max || !permits(peer) {
-                            self.closed.insert(context_id);
+                            self.close(context_id)?;
                             return Ok(Some(Capsule::CompressionClose { context_id }));
                         }
                         self.by_id.insert(context_id, peer);
@@ -218,7 +234,7 @@ impl ProxyContexts {
                 } else if let Some(peer) = self.by_id.remove(&context_id) {
                     self.by_peer.remove(&peer);
                 }
-                self.closed.insert(context_id);
+                self.close(context_id)?;
                 Ok(None)
             }
             // Datagrams are the shell's to deliver.
@@ -409,6 +425,22 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_proxy_remembers_a_bounded_number_of_closed_contexts() {
+        let mut proxy = ProxyContexts::new(4);
+        let mut refused = None;
+        for i in 0..5_000u64 {
+            let close = Capsule::CompressionClose {
+                context_id: 2 * i + 2,
+            };
+            if let Err(e) = proxy.on_capsule(&close, |_| true) {
+                refused = Some((i, e));
+                break;
+            }
+        }
+        assert_eq!(refused, Some((1024, ContextError::TooManyClosed(1024))));
+    }
+
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("addr")
     }
@@ -445,6 +477,10 @@ mod tests {
             ("/.well-known/masque/udp/a/1", Err(PathError::Shape)),
             ("/other/a/1/", Err(PathError::Shape)),
             ("/.well-known/masque/udp/%zz/1/", Err(PathError::Host)),
+            ("/.well-known/masque/udp/a%00b/1/", Err(PathError::Host)),
+            ("/.well-known/masque/udp/a%0Ab/1/", Err(PathError::Host)),
+            ("/.well-known/masque/udp/a%0Db/1/", Err(PathError::Host)),
+            ("/.well-known/masque/udp/a%20b/1/", Err(PathError::Host)),
         ];
         for (path, want) in cases {
             assert_eq!(&parse_path(path), want, "{path}");

@@ -26,7 +26,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument as _, debug, error, info, warn};
 
 type H3Conn = h3::server::Connection<h3_quinn::Connection, Bytes>;
 type H3Stream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
@@ -552,6 +552,28 @@ async fn serve_shard(
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
 }
 
+/// The largest decoded header section a request may have.
+const MAX_FIELD_SECTION: u64 = 16 << 10;
+/// How long a request's headers may take to arrive.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Logs a request that could not be read, at info (an operator's business: a broken or hostile
+/// client), truncated and at a bounded rate.
+fn bad_request(error: &str) {
+    static LOG: Mutex<Option<TokenBucket>> = Mutex::new(None);
+    let log = LOG
+        .lock()
+        .map(|mut b| {
+            b.get_or_insert_with(|| TokenBucket::new(20, Instant::now()))
+                .take(Instant::now())
+        })
+        .unwrap_or(false);
+    if log {
+        let error: String = error.chars().take(200).collect();
+        info!(error = %error.escape_debug(), "bad request");
+    }
+}
+
 async fn serve_connection(
     shared: Arc<Shared>,
     conn: quinn::Connection,
@@ -561,6 +583,8 @@ async fn serve_connection(
     let remote = conn.remote_address();
     info!(client = %remote, shard, "sidecar connected");
     let mut h3c: H3Conn = h3::server::builder()
+        // Decoded request headers are small (a CONNECT and a few fields).
+        .max_field_section_size(MAX_FIELD_SECTION)
         .enable_extended_connect(true)
         .enable_datagram(true)
         .build(h3_quinn::Connection::new(conn.clone()))
@@ -598,15 +622,26 @@ async fn serve_connection(
         );
         // Set-up runs boxed and is freed when done, so a bind's long-lived task holds only its
         // datagram loop (memory per idle bind).
-        let set_up = Box::pin(async move {
-            match resolver.resolve_request().await {
-                Ok((req, stream)) => serve_request(shared, conn, tunnels, req, stream, token).await,
-                Err(e) => {
-                    debug!(error = %e, "bad request");
-                    None
+        let span = tracing::info_span!("request", client = %remote, user = tracing::field::Empty);
+        let set_up = Box::pin(
+            async move {
+                // A request whose headers never finish holds memory: it gets a deadline.
+                match tokio::time::timeout(HEADER_TIMEOUT, resolver.resolve_request()).await {
+                    Ok(Ok((req, stream))) => {
+                        serve_request(shared, conn, tunnels, req, stream, token).await
+                    }
+                    Ok(Err(e)) => {
+                        bad_request(&e.to_string());
+                        None
+                    }
+                    Err(_) => {
+                        bad_request("headers not complete within 10 s");
+                        None
+                    }
                 }
             }
-        });
+            .instrument(span),
+        );
         requests.spawn(async move {
             // `open` is moved into the loop's future before it is awaited, so the task holds
             // one copy of it, not two.
@@ -708,7 +743,17 @@ struct Refuse(StatusCode, &'static str, String);
 
 async fn refuse(shared: &Shared, stream: &mut H3Stream, Refuse(status, error, details): Refuse) {
     bump(&shared.counters.requests_refused);
-    let details = details.replace(['"', '\\'], "'");
+    // Whatever the request held (a NUL or newline in its target), the refusal goes out: a
+    // header value of visible ASCII only, and at most 200 characters of it.
+    let details: String = details
+        .chars()
+        .map(|c| match c {
+            '"' | '\\' => '\'',
+            c if c.is_ascii_graphic() || c == ' ' => c,
+            _ => '?',
+        })
+        .take(200)
+        .collect();
     info!(status = %status, error, details, "request refused");
     let resp = Response::builder()
         .status(status)
@@ -752,11 +797,21 @@ fn prohibited(r: Refusal) -> Refuse {
 /// Checks a request and says what it is for: the user, and the UDP target or TCP target.
 async fn admit(shared: &Shared, req: &http::Request<()>) -> Result<(String, Admitted), Refuse> {
     let bad = |d: &str| Refuse(StatusCode::BAD_REQUEST, "http_request_error", d.to_owned());
-    let user = header(req, HEADER_USER)
-        .and_then(|u| std::str::from_utf8(u).ok())
-        .filter(|u| !u.is_empty() && u.len() <= 255)
-        .ok_or_else(|| bad("missing veil-user header"))?
-        .to_owned();
+    // A user name as Unix and directory services write them; anything else (spaces, quotes,
+    // control characters that would forge fields in log lines) is refused.
+    let user = header(req, HEADER_USER).ok_or_else(|| bad("missing veil-user header"))?;
+    if user.is_empty()
+        || user.len() > 255
+        || !user
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-@+$".contains(b))
+    {
+        return Err(bad(
+            "veil-user must be 1-255 characters of A-Z a-z 0-9 . _ - @ + $",
+        ));
+    }
+    let user = String::from_utf8_lossy(user).into_owned();
+    tracing::Span::current().record("user", user.as_str());
     if req.method() != Method::CONNECT {
         return Err(Refuse(
             StatusCode::METHOD_NOT_ALLOWED,

@@ -11,6 +11,8 @@ modes:
   targets HOST:PORT ...     one unextended CONNECT-UDP request per target; prints
                             `target T STATUS PROXY-STATUS`.
   binds N                   N bind requests at once; prints `bind I STATUS PROXY-STATUS`.
+  paths PATH ...            one unextended CONNECT-UDP request per raw PATH (sent as given);
+                            prints `path P STATUS PROXY-STATUS`.
   capsules ECHO SIZE ...    one bind; per size, a datagram of SIZE bytes sent as a DATAGRAM
                             capsule on the request stream (RFC 9297 §3.5); prints
                             `echo SIZE frame|capsule intact|corrupt` or `no-echo SIZE`.
@@ -145,6 +147,14 @@ async def run(a):
                 await bind(client, a)
             elif a.mode == "burst":
                 await burst(client, a)
+            elif a.mode == "paths":
+                for path in a.args:
+                    sid, fut = await client.request(path, a.user, False)
+                    try:
+                        h = await asyncio.wait_for(fut, 5)
+                        print("path", path, h.get(b":status", b"").decode(), h.get(b"proxy-status", b"").decode(), flush=True)
+                    except asyncio.TimeoutError:
+                        print("path", path, "no-response", flush=True)
             elif a.mode == "capsules":
                 await capsules(client, a)
             elif a.mode == "targets":
@@ -277,7 +287,7 @@ def main():
     p.add_argument("--user", default="alice")
     p.add_argument("--preferred-port", type=int, help="bind mode: ask for this public port (veil-preferred-port)")
     p.add_argument("--linger", type=float, default=0.0, help="bind mode: then wait this long and report any datagram")
-    p.add_argument("mode", choices=["bind", "targets", "binds", "burst", "capsules"])
+    p.add_argument("mode", choices=["bind", "targets", "binds", "burst", "capsules", "paths"])
     p.add_argument("args", nargs="*")
     a = p.parse_args()
     asyncio.run(run(a))
