@@ -723,3 +723,102 @@ fn hostile_targets_and_user_names_are_refused_with_400_and_logged_with_the_clien
         "a refused user name reached the log as a field: {log:#?}"
     );
 }
+
+/// A floating address that moves to the relay's host after the relay started becomes one of
+/// its own at once: a client can no longer reach a service there, though it could while the
+/// address belonged to another host (the positive control).
+#[test]
+fn an_address_the_relay_host_gains_after_start_is_its_own() {
+    use support::netns::Topology;
+    const FLOATING: &str = "10.99.0.5";
+    let mut t = Topology::new();
+    t.host("c", "192.0.2.2/24", "192.0.2.1/24")
+        .host("l", "198.51.100.2/24", "198.51.100.1/24")
+        .host("e", "203.0.113.2/24", "203.0.113.1/24");
+    let pki = Pki::generate("198.51.100.2");
+    let relay = spawn_relay(
+        Some(&t.ns("l")),
+        &pki.relay_config(
+            "relay.toml",
+            "198.51.100.2:4433",
+            "allow = [\"10.99.0.0/24\"]\n",
+        ),
+    );
+    let ip = |args: &[&str]| {
+        let ok = Command::new("ip").args(args).status().expect("ip");
+        assert!(ok.success(), "ip {args:?}");
+    };
+    let client_ns = t.ns("c");
+    let bind_from_client = || -> Vec<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &client_ns])
+            .arg(python())
+            .arg(client_script("masque_client.py"))
+            .args(["198.51.100.2", "4433", "--name", "198.51.100.2", "--ca"])
+            .arg(pki.path("ca.crt"))
+            .arg("--cert")
+            .arg(pki.path("sidecar.crt"))
+            .arg("--key")
+            .arg(pki.path("sidecar.key"))
+            .args(["bind", &format!("{FLOATING}:7000")])
+            .output()
+            .expect("aioquic client");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    // The address on another host: reachable.
+    let (router, e_ns) = (t.ns("r"), t.ns("e"));
+    let via_e = t.gateway_iface("e");
+    t.address("e", &format!("{FLOATING}/32"));
+    ip(&[
+        "-n",
+        &router,
+        "route",
+        "add",
+        &format!("{FLOATING}/32"),
+        "dev",
+        &via_e,
+    ]);
+    let elsewhere = support::UdpEcho::spawn_in(Some(&e_ns), &format!("{FLOATING}:7000"));
+    let lines = bind_from_client();
+    assert!(
+        lines.contains(&format!("reply 2 {FLOATING}:7000 plain-0")),
+        "positive control: {lines:?}"
+    );
+    drop(elsewhere);
+    // The address moves to the relay's host, where a service listens on it.
+    ip(&[
+        "-n",
+        &t.ns("e"),
+        "addr",
+        "del",
+        &format!("{FLOATING}/32"),
+        "dev",
+        &t.iface("e"),
+    ]);
+    t.address("l", &format!("{FLOATING}/32"));
+    let on_relay = support::UdpEcho::spawn_in(Some(&t.ns("l")), &format!("{FLOATING}:7000"));
+    assert!(
+        relay
+            .wait_log(
+                &["the host's addresses changed", FLOATING],
+                Duration::from_secs(5)
+            )
+            .is_some(),
+        "the relay did not notice the new address"
+    );
+    let lines = bind_from_client();
+    assert!(
+        lines.contains(&format!("no-reply {FLOATING}:7000")),
+        "{lines:?}"
+    );
+    assert!(
+        on_relay.seen().is_empty(),
+        "a service on the relay's host was reached: {:?}",
+        on_relay.seen()
+    );
+    let log = relay.stop().join("\n");
+    assert!(log.contains("counter=\"dropped_egress\" value=1"), "{log}");
+}

@@ -99,11 +99,13 @@ pub const DEFAULT_DENY: &[(&str, &str)] = &[
 ];
 
 /// The relay's egress policy.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Egress {
     deny: Vec<IpNet>,
     allow: Vec<IpNet>,
-    own: Vec<IpAddr>,
+    /// The host's addresses right now: they change (DHCP, SLAAC, a floating IP), and the
+    /// relay follows them ([`Egress::set_own`]).
+    own: arc_swap::ArcSwap<Vec<IpAddr>>,
 }
 
 impl Egress {
@@ -113,11 +115,34 @@ impl Egress {
             .iter()
             .filter_map(|(net, _)| net.parse().ok())
             .collect();
+        let own = Self::canonical(own);
         Self {
             deny,
             allow,
-            own: own.into_iter().map(|a| a.to_canonical()).collect(),
+            own: arc_swap::ArcSwap::from_pointee(own),
         }
+    }
+
+    fn canonical(own: Vec<IpAddr>) -> Vec<IpAddr> {
+        let mut own: Vec<IpAddr> = own.into_iter().map(|a| a.to_canonical()).collect();
+        own.sort_unstable();
+        own.dedup();
+        own
+    }
+
+    /// Replaces the relay's own addresses; true if they changed.
+    pub fn set_own(&self, own: Vec<IpAddr>) -> bool {
+        let own = Self::canonical(own);
+        if **self.own.load() == own {
+            return false;
+        }
+        self.own.store(std::sync::Arc::new(own));
+        true
+    }
+
+    /// Whether `addr` is one of the relay's own addresses.
+    pub fn is_own(&self, addr: IpAddr) -> bool {
+        self.own.load().contains(&addr.to_canonical())
     }
 
     /// Whether the relay may send to `target`.
@@ -126,7 +151,7 @@ impl Egress {
             return Err(Refusal::PortZero);
         }
         let addr = target.ip().to_canonical();
-        if self.own.contains(&addr) {
+        if self.own.load().contains(&addr) {
             return Err(Refusal::Own(addr));
         }
         if self.allow.iter().any(|n| n.contains(&addr)) {
@@ -359,6 +384,12 @@ mod tests {
         assert_eq!(check(&e, "203.0.113.9:7"), Ok(()));
         assert_eq!(check(&e, "[::ffff:203.0.113.9]:7"), Ok(()));
         assert_eq!(check(&e, "203.0.113.1:7"), Err(Refusal::Own(own)));
+        // An address the host gains later is its own from then on, and one it loses is not.
+        assert!(e.set_own(vec![own, "203.0.113.9".parse().expect("ip")]));
+        assert!(!e.set_own(vec!["203.0.113.9".parse().expect("ip"), own]));
+        assert!(check(&e, "[::ffff:203.0.113.9]:7").is_err());
+        assert!(e.set_own(vec![own]));
+        assert_eq!(check(&e, "203.0.113.9:7"), Ok(()));
         assert_eq!(
             check(&e, "198.51.100.1:7"),
             Err(Refusal::Denied {

@@ -296,7 +296,10 @@ impl Tunnel {
                 // Another bind of this relay (two masked users calling each other): allowed,
                 // judged per packet, never cached as a permitted IP.
                 permitted.insert(peer.ip());
-            } else if !permitted.contains(&peer.ip()) || peer.ip() == shared.config.public_address {
+            } else if !permitted.contains(&peer.ip())
+                || peer.ip() == shared.config.public_address
+                || shared.egress.is_own(peer.ip())
+            {
                 if let Err(refusal) = shared.egress.check(peer) {
                     debug!(user = %self.user, target = %peer, reason = %refusal, "egress denied");
                     bump(&c.dropped_egress);
@@ -345,9 +348,10 @@ impl RelayHandle {
     }
 }
 
-/// The addresses of this host's interfaces: the relay never sends to itself.
-fn own_addresses() -> Vec<IpAddr> {
-    nix::ifaddrs::getifaddrs()
+/// The addresses of this host's interfaces now, and the configured public and listening
+/// addresses: the relay never sends to itself.
+fn own_addresses(config: &RelayConfig) -> Vec<IpAddr> {
+    let mut own: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
         .map(|addrs| {
             addrs
                 .filter_map(|a| a.address)
@@ -358,7 +362,60 @@ fn own_addresses() -> Vec<IpAddr> {
                 })
                 .collect()
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+    own.push(config.public_address);
+    if !config.listen.ip().is_unspecified() {
+        own.push(config.listen.ip());
+    }
+    own
+}
+
+/// Follows the host's addresses, on a thread of its own: the kernel announces every address
+/// added or removed on the route netlink groups, and the relay reads the whole list again at
+/// each announcement (and every 30 s, in case one was lost to a full socket buffer).
+fn follow_own_addresses(shared: Arc<Shared>, shutdown: CancellationToken) {
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv,
+        setsockopt, socket, sockopt,
+    };
+    use std::os::fd::AsRawFd as _;
+    const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+    const RTMGRP_IPV6_IFADDR: u32 = 0x100;
+    let events = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )
+    .and_then(|fd| {
+        bind(
+            fd.as_raw_fd(),
+            &NetlinkAddr::new(0, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR),
+        )?;
+        setsockopt(
+            &fd,
+            sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(30, 0),
+        )?;
+        Ok(fd)
+    });
+    if let Err(e) = &events {
+        warn!(error = %e, "cannot follow address changes; the relay's own addresses are read every 30 s");
+    }
+    let mut buf = vec![0u8; 16 << 10];
+    while !shutdown.is_cancelled() {
+        match &events {
+            // A message, a timeout or an overrun: each is a reason to look again.
+            Ok(fd) => {
+                let _ = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty());
+            }
+            Err(_) => std::thread::sleep(Duration::from_secs(30)),
+        }
+        let own = own_addresses(&shared.config);
+        if shared.egress.set_own(own.clone()) {
+            info!(own = ?own, "the host's addresses changed; the relay never sends to any of them");
+        }
+    }
 }
 
 /// `shards` UDP sockets on `listen` (the first one's port if `listen` has port 0), in one
@@ -405,12 +462,7 @@ impl Relay {
             .zip(sockets)
             .map(|(i, socket)| (socket, endpoint_config(i, count)))
             .collect();
-        let mut own = own_addresses();
-        own.push(config.public_address);
-        if !config.listen.ip().is_unspecified() {
-            own.push(config.listen.ip());
-        }
-        let egress = Egress::new(config.allow.clone(), own);
+        let egress = Egress::new(config.allow.clone(), own_addresses(&config));
         let shared = Arc::new(Shared {
             config,
             egress,
@@ -453,6 +505,15 @@ impl Relay {
             tls,
             shared,
         } = self;
+        {
+            let (shared, token) = (shared.clone(), shutdown.clone());
+            let spawned = std::thread::Builder::new()
+                .name("veil-relay-addresses".into())
+                .spawn(move || follow_own_addresses(shared, token));
+            if let Err(e) = spawned {
+                warn!(error = %e, "cannot follow address changes: the relay's own addresses stay as they were at start");
+            }
+        }
         let mut shards = shards.into_iter().enumerate();
         let first = shards.next();
         let mut threads = Vec::new();
