@@ -637,6 +637,7 @@ async fn up(listen: SocketAddr, allow: Vec<ipnet::IpNet>) -> anyhow::Result<()> 
         quotas: Quotas::default(),
         // The demo relay shares the sidecar's thread.
         threads: 1,
+        speaks_for: None,
     };
     let relay = Relay::bind(relay_config, tls, |_, _| endpoint_config.clone())?;
     let relay_addr = relay.local_addr()?;

@@ -270,9 +270,126 @@ pub fn client_config(
     Ok(config)
 }
 
+/// Who a certificate names: its subject as DER (compared whole) and its common name (for
+/// configuration and logs), read from the certificate's DER without a full X.509 parser.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    /// The subject `Name`, DER-encoded.
+    pub der: Vec<u8>,
+    /// Its first common name (`2.5.4.3`), if it has one.
+    pub common_name: Option<String>,
+}
+
+/// One DER element at the front of `input`: its tag, its contents, and what follows it.
+fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let (bytes, rest) = rest.split_at_checked(n)?;
+        (
+            bytes
+                .iter()
+                .fold(0usize, |acc, b| (acc << 8) | usize::from(*b)),
+            rest,
+        )
+    };
+    let (contents, rest) = rest.split_at_checked(len)?;
+    Some((tag, contents, rest))
+}
+
+impl Subject {
+    /// The subject of a DER certificate: Certificate → tbsCertificate → [version], serial,
+    /// signature, issuer, validity, subject.
+    pub fn of_certificate(der: &[u8]) -> Option<Self> {
+        const SEQUENCE: u8 = 0x30;
+        let (SEQUENCE, cert, _) = der_element(der)? else {
+            return None;
+        };
+        let (SEQUENCE, tbs, _) = der_element(cert)? else {
+            return None;
+        };
+        let mut rest = tbs;
+        if rest.first() == Some(&0xa0) {
+            rest = der_element(rest)?.2;
+        }
+        for _ in 0..4 {
+            rest = der_element(rest)?.2;
+        }
+        let (SEQUENCE, name, after) = der_element(rest)? else {
+            return None;
+        };
+        let whole = rest.get(..rest.len() - after.len())?;
+        Some(Self {
+            der: whole.to_vec(),
+            common_name: Self::common_name(name),
+        })
+    }
+
+    /// The first common name in a Name's contents (RDNs: SETs of type-and-value SEQUENCEs).
+    fn common_name(mut rdns: &[u8]) -> Option<String> {
+        const CN: &[u8] = &[0x55, 0x04, 0x03];
+        while let Some((_, set, next)) = der_element(rdns) {
+            let mut attrs = set;
+            while let Some((_, attr, more)) = der_element(attrs) {
+                if let Some((0x06, oid, value)) = der_element(attr)
+                    && oid == CN
+                    && let Some((_, text, _)) = der_element(value)
+                {
+                    return std::str::from_utf8(text).ok().map(str::to_owned);
+                }
+                attrs = more;
+            }
+            rdns = next;
+        }
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_subject_and_common_name_are_read_from_a_certificate() {
+        let set = generate(
+            &["relay.example".into()],
+            &["laptop-17".into(), "laptop-18".into()],
+        )
+        .expect("pki");
+        let subject = |pem: &str| {
+            let der = certificates(pem, "test").expect("pem");
+            Subject::of_certificate(der[0].as_ref()).expect("subject")
+        };
+        let a = subject(&set.clients[0].1.cert_pem);
+        let b = subject(&set.clients[1].1.cert_pem);
+        assert_eq!(a.common_name.as_deref(), Some("laptop-17"));
+        assert_eq!(b.common_name.as_deref(), Some("laptop-18"));
+        assert_ne!(a.der, b.der);
+        assert_eq!(
+            subject(&set.relay.cert_pem).common_name.as_deref(),
+            Some("relay.example")
+        );
+        assert_eq!(
+            subject(&set.ca_cert_pem).common_name.as_deref(),
+            Some("veil private CA")
+        );
+        // Cut anywhere, it is refused, never a panic.
+        let der = certificates(&set.clients[0].1.cert_pem, "test").expect("pem");
+        let der = der[0].as_ref();
+        for n in 0..der.len() {
+            let _ = Subject::of_certificate(&der[..n]);
+        }
+        assert_eq!(
+            Subject::of_certificate(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]),
+            None
+        );
+    }
 
     #[test]
     fn generated_set_builds_both_configs() {

@@ -535,7 +535,7 @@ fn public_port(lines: &[String]) -> u16 {
 /// threads put the two connections; another user asking for it gets a different port and
 /// the holder keeps it.
 #[test]
-fn a_public_port_is_handed_over_only_to_the_same_user() {
+fn a_public_port_is_handed_over_only_to_the_same_user_of_the_same_sidecar() {
     use std::io::BufRead;
     let pki = Pki::generate("localhost");
     let relay = relay_with(&pki, "allow = [\"127.0.0.0/8\"]\nthreads = 4\n");
@@ -580,6 +580,30 @@ fn a_public_port_is_handed_over_only_to_the_same_user() {
         assert!(
             holder.0.try_wait().expect("holder").is_none(),
             "round {round}: the holder's client ended"
+        );
+
+        // Another machine's sidecar, speaking for the same user: not the same sidecar, so it
+        // cannot take the port (it would take the user's calls).
+        let out = masque_client(relay.addr, &pki, false)
+            .arg("--cert")
+            .arg(pki.path("other.crt"))
+            .arg("--key")
+            .arg(pki.path("other.key"))
+            .args(["--preferred-port", &port_arg, "bind", &target])
+            .output()
+            .expect("aioquic client");
+        let stranger: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        assert_ne!(
+            public_port(&stranger),
+            port,
+            "round {round}: another sidecar's certificate took alice's port"
+        );
+        assert!(
+            holder.0.try_wait().expect("holder").is_none(),
+            "round {round}: the holder's bind ended for another sidecar"
         );
 
         let taker = masque(
@@ -821,4 +845,42 @@ fn an_address_the_relay_host_gains_after_start_is_its_own() {
     );
     let log = relay.stop().join("\n");
     assert!(log.contains("counter=\"dropped_egress\" value=1"), "{log}");
+}
+
+/// With `[speaks_for]`, a sidecar's certificate may act only for the users listed for its
+/// common name: `veil-user` is no longer whatever a valid certificate says.
+#[test]
+fn a_certificate_speaks_only_for_its_listed_users() {
+    let pki = Pki::generate("localhost");
+    let relay = relay_with(
+        &pki,
+        "allow = [\"127.0.0.0/8\"]\n[speaks_for]\n\"sidecar\" = [\"alice\"]\n",
+    );
+    let echo = UdpEcho::spawn("127.0.0.2:0");
+    let target = echo.addr.to_string();
+    let alice = masque(relay.addr, &pki, true, &["bind", &target]);
+    assert_eq!(
+        alice.first().map(String::as_str),
+        Some("status 200 bind ?1")
+    );
+    let bob = masque(relay.addr, &pki, true, &["--user", "bob", "bind", &target]);
+    assert!(
+        bob.first().is_some_and(|l| l.starts_with("status 403")),
+        "{bob:?}"
+    );
+    let out = masque_client(relay.addr, &pki, false)
+        .arg("--cert")
+        .arg(pki.path("other.crt"))
+        .arg("--key")
+        .arg(pki.path("other.key"))
+        .args(["bind", &target])
+        .output()
+        .expect("aioquic client");
+    let other = String::from_utf8_lossy(&out.stdout);
+    assert!(other.starts_with("status 403"), "{other}");
+    let log = relay.stop().join("\n");
+    assert!(
+        log.contains("certificate other may not speak for user alice"),
+        "{log}"
+    );
 }

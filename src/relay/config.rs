@@ -74,6 +74,22 @@ pub struct RelayConfig {
     /// Threads serving the QUIC port, each with its own socket and connections (1 to 64;
     /// default: one per CPU).
     pub threads: u8,
+    /// Which users each sidecar certificate (by common name) may speak for; `None`: any
+    /// certificate signed by `client_ca` may speak for any user.
+    pub speaks_for: Option<std::collections::HashMap<String, Vec<String>>>,
+}
+
+impl RelayConfig {
+    /// Whether a sidecar whose certificate's common name is `identity` may act for `user`.
+    pub fn may_speak_for(&self, identity: Option<&str>, user: &str) -> bool {
+        match (&self.speaks_for, identity) {
+            (None, _) => true,
+            (Some(map), Some(cn)) => map
+                .get(cn)
+                .is_some_and(|users| users.iter().any(|u| u == user || u == "*")),
+            (Some(_), None) => false,
+        }
+    }
 }
 
 /// One thread per CPU the relay may run on, at most [`crate::reuseport::MAX_SHARDS`].
@@ -99,6 +115,7 @@ struct Raw {
     inbound_filter: Option<InboundFilter>,
     threads: Option<Spanned<i64>>,
     quotas: Option<RawQuotas>,
+    speaks_for: Option<std::collections::HashMap<String, Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -276,6 +293,7 @@ impl RelayConfig {
                     .unwrap_or(InboundFilter::AddressDependent),
                 quotas,
                 threads,
+                speaks_for: raw.speaks_for,
             }),
             _ => Err(ConfigErrors(errors)),
         }
@@ -294,6 +312,23 @@ mod tests {
     use super::*;
 
     const GOOD: &str = "listen = \"198.51.100.2:4433\"\ncertificate = \"relay.crt\"\nprivate_key = \"relay.key\"\nclient_ca = \"ca.crt\"\nallow = [\"203.0.113.0/24\"]\n[quotas]\nidle_timeout_seconds = 120\n";
+
+    #[test]
+    fn speaks_for_limits_each_certificate_to_its_users() {
+        let open = RelayConfig::parse(Path::new("r.toml"), GOOD).expect("valid");
+        assert!(open.may_speak_for(Some("laptop-17"), "alice"));
+        assert!(open.may_speak_for(None, "alice"));
+        let text = format!(
+            "{GOOD}[speaks_for]\n\"laptop-17\" = [\"alice\", \"bob\"]\n\"kiosk\" = [\"*\"]\n"
+        );
+        let text = text.replace("[quotas]\nidle_timeout_seconds = 120\n", "");
+        let c = RelayConfig::parse(Path::new("r.toml"), &text).expect("valid");
+        assert!(c.may_speak_for(Some("laptop-17"), "bob"));
+        assert!(!c.may_speak_for(Some("laptop-17"), "carol"));
+        assert!(!c.may_speak_for(Some("laptop-18"), "alice"));
+        assert!(c.may_speak_for(Some("kiosk"), "anyone"));
+        assert!(!c.may_speak_for(None, "alice"));
+    }
 
     #[test]
     fn parses_and_resolves_paths() {

@@ -136,6 +136,8 @@ struct Shared {
 #[derive(Debug)]
 struct PortHolder {
     user: String,
+    /// The subject of the certificate it came with: only the same sidecar may take the port.
+    subject: Option<Vec<u8>>,
     bind: u64,
     /// The QUIC connection it came on ([`connection_id`]).
     conn: usize,
@@ -642,7 +644,8 @@ async fn serve_connection(
     shard: usize,
 ) -> Result<(), h3::error::ConnectionError> {
     let remote = conn.remote_address();
-    info!(client = %remote, shard, "sidecar connected");
+    let identity = peer_subject(&conn).and_then(|s| s.common_name);
+    info!(client = %remote, shard, identity = identity.as_deref().unwrap_or("-"), "sidecar connected");
     let mut h3c: H3Conn = h3::server::builder()
         // Decoded request headers are small (a CONNECT and a few fields).
         .max_field_section_size(MAX_FIELD_SECTION)
@@ -939,6 +942,19 @@ async fn serve_request(
             return None;
         }
     };
+    let identity = peer_subject(&conn).and_then(|s| s.common_name);
+    if !shared.config.may_speak_for(identity.as_deref(), &user) {
+        let r = Refuse(
+            StatusCode::FORBIDDEN,
+            "identity_not_permitted",
+            format!(
+                "certificate {} may not speak for user {user}",
+                identity.as_deref().unwrap_or("(no common name)")
+            ),
+        );
+        refuse(&shared, &mut stream, r).await;
+        return None;
+    }
     let Some(slot) = take_bind_slot(&shared, &user) else {
         let r = Refuse(
             StatusCode::TOO_MANY_REQUESTS,
@@ -1030,16 +1046,27 @@ async fn serve_tcp(
     info!(user, target = %target, "tcp tunnel closed");
 }
 
+/// Who the client's certificate names (the end-entity certificate of its chain).
+fn peer_subject(conn: &quinn::Connection) -> Option<crate::pki::Subject> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    crate::pki::Subject::of_certificate(chain.first()?.as_ref())
+}
+
 /// Room for the HTTP Datagram prefix and an uncompressed address before a payload.
 use crate::HEADROOM;
 
-/// Binds `addr` (a preferred public port). If a bind of the same user on *another* connection
-/// holds it — the bind of a sidecar that restarted and has not been noticed gone — that bind is
-/// ended and the port taken over. Another user's port is never taken, nor one of the same
-/// connection (two of its app sockets must not take a port back and forth).
+/// Binds `addr` (a preferred public port). If a bind of the same user, from a sidecar with the
+/// same certificate subject, on *another* connection holds it — the bind of a sidecar that
+/// restarted and has not been noticed gone — that bind is ended and the port taken over.
+/// Another user's port is never taken, nor one held by another sidecar (another machine's
+/// certificate), nor one of the same connection (two of its app sockets must not take a port
+/// back and forth).
 async fn bind_preferred(
     shared: &Shared,
-    user: &str,
+    (user, subject): (&str, Option<&[u8]>),
     conn: usize,
     addr: SocketAddr,
 ) -> io::Result<UdpSocket> {
@@ -1048,9 +1075,9 @@ async fn bind_preferred(
         return first;
     }
     let released = shared.bind_ports.lock().ok().and_then(|ports| {
-        let holder = ports
-            .get(&addr.port())
-            .filter(|h| h.user == user && h.conn != conn)?;
+        let holder = ports.get(&addr.port()).filter(|h| {
+            h.user == user && h.conn != conn && subject.is_some() && h.subject.as_deref() == subject
+        })?;
         holder.tunnel.end(ENDED_TAKEN_OVER);
         Some(())
     });
@@ -1092,11 +1119,12 @@ async fn open_udp(
         Target::Fixed(t) => (Some(t), None),
     };
     let ip = shared.config.public_address;
+    let subject = peer_subject(&conn).map(|s| s.der);
     let mut socket = Err(io::Error::other("no preferred port"));
     if let Some(port) = preferred {
         socket = bind_preferred(
             &shared,
-            &user,
+            (&user, subject.as_deref()),
             connection_id(&tunnels),
             SocketAddr::new(ip, port),
         )
@@ -1171,6 +1199,7 @@ async fn open_udp(
     if let (Some(port), Ok(mut ports)) = (hairpin_port, shared.bind_ports.lock()) {
         let holder = PortHolder {
             user: user.clone(),
+            subject,
             bind: id,
             conn: connection_id(&tunnels),
             tunnel: tunnel.clone(),

@@ -226,6 +226,9 @@ async def bind(client, a):
     client.send_capsule(sid, capsule(0x11, varint(2) + b"\x00"))
     h = await asyncio.wait_for(fut, 5)
     print("status", h.get(b":status", b"").decode(), "bind", h.get(b"connect-udp-bind", b"").decode(), flush=True)
+    if h.get(b":status") != b"200":
+        print("proxy-status", h.get(b"proxy-status", b"").decode(), flush=True)
+        return
     print("public", h.get(b"proxy-public-address", b"").decode(), flush=True)
     next_ctx = 4
     for i, target in enumerate(a.args):

@@ -387,7 +387,15 @@ impl Pki {
         let out = veil()
             .arg("pki")
             .arg(dir.path().join("pki"))
-            .args(["--relay-name", relay_name, "--client", "sidecar"])
+            // "other": a second sidecar (another machine) of the same organisation.
+            .args([
+                "--relay-name",
+                relay_name,
+                "--client",
+                "sidecar",
+                "--client",
+                "other",
+            ])
             .output()
             .expect("veil pki");
         assert!(
