@@ -140,9 +140,54 @@ impl Errors<'_> {
             line,
             column,
             field: field.into(),
-            message: message.into(),
+            message: one_line(&message.into()),
         });
     }
+}
+
+/// A message on one line, never empty (the TOML parser's can span lines or say nothing).
+fn one_line(message: &str) -> String {
+    let joined = message.split_whitespace().collect::<Vec<_>>().join(" ");
+    if joined.is_empty() {
+        "invalid TOML here".to_owned()
+    } else {
+        joined
+    }
+}
+
+/// The largest policy file veil reads: rules, not data.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// Why a policy file's text could not be had.
+enum Unreadable {
+    /// Reading failed.
+    Io(String),
+    /// Not UTF-8: where the first invalid byte is.
+    NotUtf8 { line: usize, column: usize },
+}
+
+/// Reads a policy file, at most [`MAX_FILE_BYTES`] of it (it may grow after its size was
+/// checked), as UTF-8.
+fn read_text(path: &Path) -> Result<String, Unreadable> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| Unreadable::Io(e.to_string()))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(Unreadable::Io(format!(
+            "more than a policy file may hold ({MAX_FILE_BYTES} bytes)"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = e
+            .as_bytes()
+            .get(..e.utf8_error().valid_up_to())
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(valid);
+        let (line, column) = line_column(&text, text.len());
+        Unreadable::NotUtf8 { line, column }
+    })
 }
 
 /// 1-based line and column (in characters) of byte `offset` in `text`.
@@ -330,9 +375,18 @@ fn validate_rule(errors: &mut Errors<'_>, path: &str, n: usize, raw: RawRule) ->
         })
         .collect();
 
+    let transport_span = raw.transport.as_ref().map(Spanned::span);
     let transports = raw.transport.map(Spanned::into_inner).unwrap_or_default();
+    if let Some(span) = transport_span
+        && transports
+            .iter()
+            .enumerate()
+            .any(|(i, t)| transports[..i].contains(t))
+    {
+        errors.field(span, field("transport"), "a transport is listed twice");
+    }
     let traffic = match raw.traffic {
-        Some(t) if transports == [Transport::Tcp] => {
+        Some(t) if !transports.is_empty() && !transports.contains(&Transport::Udp) => {
             errors.field(
                 t.span(),
                 field("traffic"),
@@ -388,9 +442,24 @@ fn validate_rule(errors: &mut Errors<'_>, path: &str, n: usize, raw: RawRule) ->
 }
 
 fn parse_net(s: &str) -> Result<IpNet, String> {
-    s.parse::<IpNet>()
-        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
-        .map_err(|_| {
+    // The address by std's parser (no leading zeros: `010.0.0.1` is not `8.0.0.1` nor
+    // `10.0.0.1`), the prefix length as plain digits: a network and an address are read alike.
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) if !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()) && l.len() <= 3 => {
+            (a, l.parse::<u8>().ok())
+        }
+        Some(_) => ("", None),
+        None => (s, None),
+    };
+    addr.parse::<std::net::IpAddr>()
+        .ok()
+        .and_then(|ip| match len {
+            Some(len) => IpNet::new(ip, len).ok(),
+            None if s.contains('/') => None,
+            None => Some(IpNet::from(ip)),
+        })
+        .ok_or(())
+        .map_err(|()| {
             format!("expected a CIDR network like \"10.0.0.0/8\" or an address, found {s:?}")
         })
         .and_then(|net| {
@@ -602,6 +671,7 @@ pub fn load_dir(dir: &Path, enforce_ownership: bool) -> Result<Policy, PolicyErr
             .collect()
     };
 
+    let mut unreadable: Vec<String> = Vec::new();
     let mut entries = visit("", &mut errors);
     for sub in ["users", "groups"] {
         if entries.iter().any(|e| e == sub) {
@@ -612,14 +682,36 @@ pub fn load_dir(dir: &Path, enforce_ownership: bool) -> Result<Policy, PolicyErr
     for rel in entries {
         let path = dir.join(&rel);
         match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_file() && meta.len() > MAX_FILE_BYTES => {
+                unreadable.push(rel.clone());
+                errors.push(LoadError::Path {
+                    path: shown(&rel),
+                    message: format!(
+                        "{} bytes is more than a policy file may hold ({MAX_FILE_BYTES})",
+                        meta.len()
+                    ),
+                });
+            }
             Ok(meta) if meta.is_file() => {
                 check(&path, &meta, &mut errors);
-                match fs::read_to_string(&path) {
+                match read_text(&path) {
                     Ok(text) => files.push((rel, text)),
-                    Err(e) => errors.push(LoadError::Path {
-                        path: shown(&rel),
-                        message: e.to_string(),
-                    }),
+                    Err(message) => {
+                        unreadable.push(rel.clone());
+                        errors.push(match message {
+                            Unreadable::Io(message) => LoadError::Path {
+                                path: shown(&rel),
+                                message,
+                            },
+                            Unreadable::NotUtf8 { line, column } => LoadError::Field {
+                                path: shown(&rel),
+                                line,
+                                column,
+                                field: "(file)".to_owned(),
+                                message: "not UTF-8 text".to_owned(),
+                            },
+                        });
+                    }
                 }
             }
             Ok(_) => errors.push(LoadError::Path {
@@ -634,7 +726,21 @@ pub fn load_dir(dir: &Path, enforce_ownership: bool) -> Result<Policy, PolicyErr
         }
     }
 
-    let parsed = from_files(files.iter().map(|(p, t)| (p.as_str(), t.as_str())));
+    let parsed = from_files(files.iter().map(|(p, t)| (p.as_str(), t.as_str()))).map_err(
+        |PolicyErrors(found)| {
+            // A default.toml that is there but unreadable is not also "missing".
+            PolicyErrors(
+                found
+                    .into_iter()
+                    .filter(|e| {
+                        let missing_default = matches!(e, LoadError::Path { path, message }
+                            if path == "default.toml" && message.starts_with("missing"));
+                        !(missing_default && unreadable.iter().any(|u| u == "default.toml"))
+                    })
+                    .collect(),
+            )
+        },
+    );
     // Errors name files relative to the directory; show them as the user typed the directory.
     let relocate = |e: LoadError| match e {
         LoadError::Path { path, message } => LoadError::Path {

@@ -282,6 +282,100 @@ fn every_file_error_is_collected_and_misplaced_files_refused() {
 }
 
 #[test]
+fn networks_and_addresses_are_read_alike_and_transports_once() {
+    let rule =
+        |body: &str| format!("fallback = \"block\"\n[[rule]]\nverdict = \"relay\"\n{body}\n");
+    for bad in [
+        "\"010.0.0.0/8\"",
+        "\"010.0.0.1\"",
+        "\"10.0.0.0/\"",
+        "\"10.0.0.0/+8\"",
+        "\"10.0.0.0/33\"",
+    ] {
+        let text = rule(&format!("networks = [{bad}]"));
+        let e = from_files([("default.toml", text.as_str())]).expect_err(bad);
+        assert!(e.to_string().contains("networks[0]"), "{bad}: {e}");
+    }
+    for good in [
+        "\"10.0.0.0/8\"",
+        "\"10.0.0.1\"",
+        "\"2001:db8::/32\"",
+        "\"::1\"",
+    ] {
+        let text = rule(&format!("networks = [{good}]"));
+        assert!(
+            from_files([("default.toml", text.as_str())]).is_ok(),
+            "{good}"
+        );
+    }
+    let twice =
+        rule("networks = [\"0.0.0.0/0\"]\ntransport = [\"tcp\", \"tcp\"]\ntraffic = [\"stun\"]");
+    let e = from_files([("default.toml", twice.as_str())])
+        .expect_err("twice")
+        .to_string();
+    assert!(
+        e.contains("rule[1].transport: a transport is listed twice"),
+        "{e}"
+    );
+    assert!(
+        e.contains("rule[1].traffic: traffic classes describe UDP flows"),
+        "{e}"
+    );
+}
+
+#[test]
+fn every_error_is_one_line_with_file_line_column_and_field() {
+    for text in [
+        "fallback = \"relay\"\n[[rule]]\nverdict = \"relay\"\nnetworks = [\n",
+        "fallback = \"relay\"\n[limits\n",
+        "fallback = \"nope\"\n",
+        "fallback = \"relay\"\nfallback = \"block\"\n",
+        "\"",
+        "[[rule]]\n",
+    ] {
+        let e = from_files([("default.toml", text)]).expect_err(text);
+        for err in &e.0 {
+            let line = err.to_string();
+            assert!(!line.contains('\n'), "{text:?}: {line:?}");
+            assert!(line.starts_with("default.toml:"), "{line}");
+            assert!(!line.trim_end().ends_with(':'), "empty message: {line:?}");
+        }
+    }
+}
+
+#[test]
+fn an_oversized_or_non_utf8_file_is_named_with_its_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Not UTF-8 on line 2: named there, and not also called missing.
+    std::fs::write(
+        dir.path().join("default.toml"),
+        b"fallback = \"relay\"\n# caf\xe9\n",
+    )
+    .expect("write");
+    let e = load_dir(dir.path(), false)
+        .expect_err("not utf-8")
+        .to_string();
+    assert!(
+        e.contains("default.toml:2:6: (file): not UTF-8 text"),
+        "{e}"
+    );
+    assert!(!e.contains("missing"), "{e}");
+    // A 2 GB sparse file is refused from its size, without reading it.
+    std::fs::write(dir.path().join("default.toml"), "fallback = \"relay\"\n").expect("write");
+    let users = dir.path().join("users");
+    std::fs::create_dir(&users).expect("mkdir");
+    let huge = std::fs::File::create(users.join("bob.toml")).expect("create");
+    huge.set_len(2 << 30).expect("sparse");
+    let e = load_dir(dir.path(), false)
+        .expect_err("too big")
+        .to_string();
+    assert!(
+        e.contains("bob.toml: 2147483648 bytes is more than a policy file may hold"),
+        "{e}"
+    );
+}
+
+#[test]
 fn shipped_policies_are_valid() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
     let p = load_dir(&dir, false).unwrap_or_else(|e| panic!("{e}"));
