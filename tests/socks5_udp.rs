@@ -478,3 +478,75 @@ fn another_local_user_cannot_take_over_an_association_in_either_order() {
         "no refusal logged: {metrics}"
     );
 }
+
+/// Holds N idle TCP connections to the proxy as the user running it, until killed.
+const HOARDER: &str = r#"
+import socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+held = []
+for _ in range(n):
+    try:
+        held.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+    except OSError:
+        pass
+print("holding", len(held), flush=True)
+time.sleep(60)
+"#;
+
+/// One user's idle connections take at most its share of the server's slots (an eighth, at
+/// least 64): another user's association is served at once.
+#[test]
+fn one_users_idle_connections_do_not_keep_another_user_waiting() {
+    assert!(
+        support::is_root(),
+        "needs root to run the hoarder as another user"
+    );
+    let echo = UdpEcho::spawn("127.0.0.1:0");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("sidecar.toml");
+    std::fs::write(&config, "max_sessions = 128\n").expect("config");
+    let sidecar = Sidecar::builder()
+        .policy(
+            "default.toml",
+            &policy_for(echo.addr, "127.0.0.1:9".parse().expect("addr")),
+        )
+        .config(&config)
+        .spawn();
+    let mut hoarder = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            HOARDER,
+        ])
+        .args([sidecar.addr.port().to_string(), "300".to_owned()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("hoarder");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(hoarder.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("hoarder output");
+    assert!(line.starts_with("holding"), "{line}");
+    // root, another user, gets its association and its echo at once.
+    let out = pysocks_udp(
+        sidecar.addr,
+        &["--timeout", "2", &format!("{}:root", echo.addr)],
+    );
+    let _ = hoarder.kill();
+    let _ = hoarder.wait();
+    assert_eq!(lines(&out), vec![format!("reply {} root", echo.addr)]);
+    assert!(
+        sidecar
+            .log()
+            .iter()
+            .any(|l| l.contains("its user holds its share of the sessions")
+                && l.contains("limit=64")),
+        "{:?}",
+        sidecar.log().iter().rev().take(10).collect::<Vec<_>>()
+    );
+}

@@ -148,9 +148,61 @@ pub(crate) struct Shared {
     source_log: Mutex<TokenBucket>,
     /// Live sessions and their flows, for status.
     pub(crate) registry: Arc<crate::status::Registry>,
+    /// Open connections by owner (a local uid, or a remote client's IP), whatever their stage:
+    /// no owner may hold more than [`Shared::per_owner`] of the server's slots.
+    owners: Mutex<HashMap<Owner, u32>>,
+}
+
+/// Who holds a connection, as known before its handshake: the kernel names a local client's
+/// uid; a remote client is known by its IP until it logs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Owner {
+    Uid(u32),
+    Remote(IpAddr),
+}
+
+/// One connection's place in its owner's count; released on drop.
+struct OwnerSlot {
+    shared: Arc<Shared>,
+    owner: Owner,
+}
+
+impl Drop for OwnerSlot {
+    fn drop(&mut self) {
+        if let Ok(mut owners) = self.shared.owners.lock()
+            && let Some(n) = owners.get_mut(&self.owner)
+        {
+            *n -= 1;
+            if *n == 0 {
+                owners.remove(&self.owner);
+            }
+        }
+    }
 }
 
 impl Shared {
+    /// How many of the server's connection slots one owner may hold: an eighth, so that one
+    /// user's idle connections never keep the others waiting (at least 64).
+    fn per_owner(&self) -> u32 {
+        u32::try_from(self.config.max_clients / 8)
+            .unwrap_or(u32::MAX)
+            .max(64)
+    }
+
+    /// Counts a new connection of `owner`, or None if it holds its share already.
+    fn take_owner_slot(self: &Arc<Self>, owner: Owner) -> Option<OwnerSlot> {
+        let mut owners = self.owners.lock().ok()?;
+        let n = owners.entry(owner).or_insert(0);
+        if *n >= self.per_owner() {
+            return None;
+        }
+        *n += 1;
+        Some(OwnerSlot {
+            shared: self.clone(),
+            owner,
+        })
+    }
+
     /// Logs a datagram refused for the socket that sent it, unless many were just logged (a
     /// flood of forged datagrams must not fill the journal). The caller counts it.
     pub(crate) fn log_refused_source(&self, reason: DropReason, client: SocketAddr, user: &str) {
@@ -272,6 +324,7 @@ impl Server {
             counters: Counters::default(),
             block_log: Mutex::new(TokenBucket::new(20, now)),
             source_log: Mutex::new(TokenBucket::new(20, now)),
+            owners: Mutex::new(HashMap::new()),
             registry: Arc::new(crate::status::Registry::default()),
         });
         Ok(Self { listener, shared })
@@ -293,7 +346,8 @@ impl Server {
     pub async fn run(self, shutdown: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.shared.config.max_clients));
         let tasks = TaskTracker::new();
-        loop {
+        let mut refusals = TokenBucket::new(5, Instant::now());
+        'serve: loop {
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 p = slots.clone().acquire_owned() => match p {
@@ -301,8 +355,9 @@ impl Server {
                     Err(_) => break,
                 },
             };
-            let (stream, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
+            let (stream, peer, owner_slot, uid) = loop {
+                let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break 'serve,
                 r = self.listener.accept() => match r {
                     Ok(accepted) => accepted,
                     Err(e) => {
@@ -311,6 +366,23 @@ impl Server {
                         continue;
                     }
                 },
+                };
+                // Who it is, before it takes a slot (one kernel lookup): a user over its share
+                // is turned away at once, without holding anyone else's slot.
+                let uid = stream
+                    .local_addr()
+                    .ok()
+                    .and_then(|local| identity::client_uid(local, peer).ok().flatten());
+                let owner = uid.map_or(Owner::Remote(peer.ip()), Owner::Uid);
+                match self.shared.take_owner_slot(owner) {
+                    Some(slot) => break (stream, peer, slot, uid),
+                    None => {
+                        if refusals.take(Instant::now()) {
+                            warn!(client = %peer, limit = self.shared.per_owner(), "connection refused: its user holds its share of the sessions");
+                        }
+                        drop(stream);
+                    }
+                }
             };
             let shared = self.shared.clone();
             // A clone, not a child token: nothing cancels one alone, and a child costs a tree
@@ -321,7 +393,8 @@ impl Server {
                 // task holds only its loop's state (memory per idle association).
                 // `session` is moved into the loop's future before it is awaited, so the task
                 // holds one copy of it, not two.
-                let run = match Box::pin(serve(&shared, stream, peer, token)).await {
+                let _owner_slot = owner_slot;
+                let run = match Box::pin(serve(&shared, stream, peer, uid, token)).await {
                     Ok(Some(session)) => session.run(),
                     Ok(None) => return,
                     Err(e) => {
@@ -410,6 +483,7 @@ async fn handshake(
     shared: &Shared,
     stream: &mut TcpStream,
     peer: SocketAddr,
+    uid: Option<u32>,
 ) -> Result<(User, Option<u32>, codec::Request), SessionError> {
     let mut buf = Vec::with_capacity(64);
     let methods = read_message(stream, &mut buf, codec::decode_greeting).await?;
@@ -452,18 +526,16 @@ async fn handshake(
         Err(e) => return Err(e),
     };
 
-    // The kernel says who owns a local client's socket; only a remote client is known by its
-    // login name alone.
-    let local = stream.local_addr()?;
-    let user = match identity::client_uid(local, peer) {
-        Ok(Some(uid)) => identity::user_of_uid(uid)
+    // The kernel said who owns a local client's socket (at accept); only a remote client is
+    // known by its login name alone.
+    let user = match uid {
+        Some(uid) => identity::user_of_uid(uid)
             .map(|u| (u, Some(uid)))
             .map_err(|e| e.to_string()),
-        Ok(None) => login
+        None => login
             .as_deref()
             .map(|name| (identity::user_named(name), None))
             .ok_or_else(|| "not a local socket and no login".to_owned()),
-        Err(e) => Err(e.to_string()),
     };
     match user {
         Ok((user, uid)) => Ok((user, uid, request)),
@@ -522,10 +594,11 @@ async fn serve<'a>(
     shared: &'a Shared,
     mut stream: TcpStream,
     peer: SocketAddr,
+    uid: Option<u32>,
     shutdown: CancellationToken,
 ) -> Result<Option<UdpSession<'a>>, SessionError> {
     let _ = stream.set_nodelay(true);
-    let handshake = handshake(shared, &mut stream, peer);
+    let handshake = handshake(shared, &mut stream, peer, uid);
     let (user, uid, request) = tokio::select! {
         _ = shutdown.cancelled() => return Ok(None),
         r = Box::pin(tokio::time::timeout(shared.config.handshake_timeout, handshake)) => {
