@@ -884,3 +884,29 @@ fn a_certificate_speaks_only_for_its_listed_users() {
         "{log}"
     );
 }
+
+/// One authenticated request cannot grow the relay's memory without bound: a HEADERS frame
+/// announcing 2^40 bytes is stopped once the request has sent 64 KiB unanswered (without the
+/// budget the same client pushes all 64 MiB in and RSS grows by 15 MB or more). RSS is printed
+/// before and after.
+#[test]
+fn hostile_requests_leave_the_relays_memory_flat() {
+    let pki = Pki::generate("localhost");
+    let relay = relay_with(&pki, "allow = [\"127.0.0.0/8\"]\n");
+    let before = relay.rss_kib();
+    let lines = masque(relay.addr, &pki, true, &["bigheaders", "64"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let after = relay.rss_kib();
+    eprintln!(
+        "relay RSS: {before} KiB before, {after} KiB after 64 MiB of announced headers ({lines:?})"
+    );
+    assert_eq!(lines, ["stopped"], "the relay took the whole frame");
+    assert!(
+        after < before + 4 * 1024,
+        "RSS grew from {before} to {after} KiB"
+    );
+    // The relay still serves.
+    let echo = UdpEcho::spawn("127.0.0.2:0");
+    let good = masque(relay.addr, &pki, true, &["bind", &echo.addr.to_string()]);
+    assert_eq!(good.first().map(String::as_str), Some("status 200 bind ?1"));
+}

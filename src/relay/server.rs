@@ -28,8 +28,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, debug, error, info, warn};
 
-type H3Conn = h3::server::Connection<h3_quinn::Connection, Bytes>;
-type H3Stream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+type H3Conn = h3::server::Connection<super::budget::Connection, Bytes>;
+type H3Stream =
+    h3::server::RequestStream<super::budget::Budgeted<h3_quinn::BidiStream<Bytes>>, Bytes>;
 
 /// Why the relay cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -651,7 +652,9 @@ async fn serve_connection(
         .max_field_section_size(MAX_FIELD_SECTION)
         .enable_extended_connect(true)
         .enable_datagram(true)
-        .build(h3_quinn::Connection::new(conn.clone()))
+        .build(super::budget::Connection(h3_quinn::Connection::new(
+            conn.clone(),
+        )))
         .await?;
     let tunnels: Tunnels = Arc::new(Mutex::new(HashMap::new()));
     let datagrams = tokio::spawn(read_datagrams(

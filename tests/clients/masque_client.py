@@ -13,6 +13,9 @@ modes:
   binds N                   N bind requests at once; prints `bind I STATUS PROXY-STATUS`.
   paths PATH ...            one unextended CONNECT-UDP request per raw PATH (sent as given);
                             prints `path P STATUS PROXY-STATUS`.
+  bigheaders MB             a request stream whose HEADERS frame announces 2^40 bytes, then MB
+                            megabytes of it; prints `stopped` if the relay stopped the stream,
+                            else `sent MB`.
   capsules ECHO SIZE ...    one bind; per size, a datagram of SIZE bytes sent as a DATAGRAM
                             capsule on the request stream (RFC 9297 §3.5); prints
                             `echo SIZE frame|capsule intact|corrupt` or `no-echo SIZE`.
@@ -155,6 +158,8 @@ async def run(a):
                         print("path", path, h.get(b":status", b"").decode(), h.get(b"proxy-status", b"").decode(), flush=True)
                     except asyncio.TimeoutError:
                         print("path", path, "no-response", flush=True)
+            elif a.mode == "bigheaders":
+                await bigheaders(client, int(a.args[0]))
             elif a.mode == "capsules":
                 await capsules(client, a)
             elif a.mode == "targets":
@@ -189,6 +194,29 @@ async def burst(client, a):
     while await recv_datagram(client, 2.0):
         replies += 1
     print("sent", count, "replies", replies, flush=True)
+
+
+async def bigheaders(client, mb):
+    quic = client._quic
+    sid = quic.get_next_available_stream_id()
+    quic.send_stream_data(sid, varint(0x01) + varint(1 << 40), end_stream=False)
+    client.transmit()
+    chunk = bytes(65536)
+    stopped = False
+    for i in range(mb * 16):
+        try:
+            quic.send_stream_data(sid, chunk, end_stream=False)
+        except Exception:
+            stopped = True
+            break
+        client.transmit()
+        await asyncio.sleep(0.001)
+        stream = quic._streams.get(sid)
+        if stream is None or getattr(stream.sender, "reset_pending", False) or getattr(stream.sender, "_reset_error_code", None) is not None:
+            stopped = True
+            break
+    await asyncio.sleep(1)
+    print("stopped" if stopped else f"sent {mb}", flush=True)
 
 
 async def capsules(client, a):
@@ -290,7 +318,7 @@ def main():
     p.add_argument("--user", default="alice")
     p.add_argument("--preferred-port", type=int, help="bind mode: ask for this public port (veil-preferred-port)")
     p.add_argument("--linger", type=float, default=0.0, help="bind mode: then wait this long and report any datagram")
-    p.add_argument("mode", choices=["bind", "targets", "binds", "burst", "capsules", "paths"])
+    p.add_argument("mode", choices=["bind", "targets", "binds", "burst", "capsules", "paths", "bigheaders"])
     p.add_argument("args", nargs="*")
     a = p.parse_args()
     asyncio.run(run(a))

@@ -159,6 +159,19 @@ impl Daemon {
         None
     }
 
+    /// The resident memory of the process now, in KiB (`VmRSS`).
+    #[allow(dead_code)] // not every test binary measures memory
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     /// Sends a signal by name (`HUP`, `TERM`, `KILL`).
     pub fn signal(&self, sig: &str) {
         let _ = Command::new("kill")
