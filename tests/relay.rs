@@ -905,6 +905,54 @@ fn hostile_requests_leave_the_relays_memory_flat() {
         after < before + 4 * 1024,
         "RSS grew from {before} to {after} KiB"
     );
+    // 20,000 COMPRESSION_CLOSE capsules on one bind: the request ends at the cap.
+    let before = relay.rss_kib();
+    let lines = masque(relay.addr, &pki, true, &["closes", "20000"]);
+    let after = relay.rss_kib();
+    eprintln!(
+        "relay RSS: {before} KiB before, {after} KiB after 20,000 COMPRESSION_CLOSE ({lines:?})"
+    );
+    assert_eq!(lines, ["ended"]);
+    assert!(
+        after < before + 4 * 1024,
+        "RSS grew from {before} to {after} KiB"
+    );
+    assert!(
+        relay
+            .wait_log(&["more than 1024 contexts closed"], Duration::from_secs(2))
+            .is_some()
+    );
+    // Requests whose headers never finish are dropped after 10 s: on one connection, a second
+    // round of 2,000 reuses what the first one held instead of adding to it.
+    let mut client = masque_client(relay.addr, &pki, true)
+        .args(["--linger", "11", "unfinished", "2000", "2"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("aioquic client");
+    let stdout = client.stdout.take().expect("stdout");
+    let mut rss = Vec::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+        if line.ends_with("done") {
+            rss.push(relay.rss_kib());
+        }
+    }
+    let _ = client.wait();
+    eprintln!("relay RSS after each round of 2,000 unfinished requests: {rss:?} KiB");
+    assert_eq!(rss.len(), 2, "{rss:?}");
+    assert!(
+        rss[1] < rss[0] + 4 * 1024,
+        "RSS grew from {} to {} KiB",
+        rss[0],
+        rss[1]
+    );
+    assert!(
+        relay
+            .wait_log(
+                &["headers not complete within 10 s"],
+                Duration::from_secs(2)
+            )
+            .is_some()
+    );
     // The relay still serves.
     let echo = UdpEcho::spawn("127.0.0.2:0");
     let good = masque(relay.addr, &pki, true, &["bind", &echo.addr.to_string()]);

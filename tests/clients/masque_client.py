@@ -16,6 +16,10 @@ modes:
   bigheaders MB             a request stream whose HEADERS frame announces 2^40 bytes, then MB
                             megabytes of it; prints `stopped` if the relay stopped the stream,
                             else `sent MB`.
+  closes N                  one bind, then N COMPRESSION_CLOSE capsules; prints `ended` if the
+                            relay ended the request, else `open`.
+  unfinished N [ROUNDS]     per round, N requests whose HEADERS frame never completes on one
+                            connection, then --linger seconds; prints `round I done`.
   capsules ECHO SIZE ...    one bind; per size, a datagram of SIZE bytes sent as a DATAGRAM
                             capsule on the request stream (RFC 9297 §3.5); prints
                             `echo SIZE frame|capsule intact|corrupt` or `no-echo SIZE`.
@@ -160,6 +164,20 @@ async def run(a):
                         print("path", path, "no-response", flush=True)
             elif a.mode == "bigheaders":
                 await bigheaders(client, int(a.args[0]))
+            elif a.mode == "closes":
+                await closes(client, a, int(a.args[0]))
+            elif a.mode == "unfinished":
+                quic = client._quic
+                rounds = int(a.args[1]) if len(a.args) > 1 else 1
+                for r in range(rounds):
+                    for _ in range(int(a.args[0])):
+                        sid = quic.get_next_available_stream_id()
+                        quic.send_stream_data(sid, varint(0x01) + varint(200) + bytes(20), end_stream=False)
+                    client.transmit()
+                    await asyncio.sleep(a.linger)
+                    print("round", r + 1, "done", flush=True)
+                # The next line is read after the test measured the relay.
+                await asyncio.sleep(0.5)
             elif a.mode == "capsules":
                 await capsules(client, a)
             elif a.mode == "targets":
@@ -217,6 +235,25 @@ async def bigheaders(client, mb):
             break
     await asyncio.sleep(1)
     print("stopped" if stopped else f"sent {mb}", flush=True)
+
+
+async def closes(client, a, n):
+    sid, fut = await client.request("/.well-known/masque/udp/%2A/%2A/", a.user, True)
+    client.send_capsule(sid, capsule(0x11, varint(2) + b"\x00"))
+    h = await asyncio.wait_for(fut, 5)
+    ended = False
+    for i in range(0, n, 500):
+        batch = b"".join(capsule(0x13, varint(2 * (j + 2))) for j in range(i, min(n, i + 500)))
+        try:
+            client.send_capsule(sid, batch)
+        except Exception:
+            ended = True
+            break
+        await asyncio.sleep(0.002)
+    await asyncio.sleep(1)
+    stream = client._quic._streams.get(sid)
+    ended = ended or stream is None or stream.receiver.is_finished or getattr(stream.sender, "_reset_error_code", None) is not None
+    print("ended" if ended else "open", flush=True)
 
 
 async def capsules(client, a):
@@ -318,7 +355,7 @@ def main():
     p.add_argument("--user", default="alice")
     p.add_argument("--preferred-port", type=int, help="bind mode: ask for this public port (veil-preferred-port)")
     p.add_argument("--linger", type=float, default=0.0, help="bind mode: then wait this long and report any datagram")
-    p.add_argument("mode", choices=["bind", "targets", "binds", "burst", "capsules", "paths", "bigheaders"])
+    p.add_argument("mode", choices=["bind", "targets", "binds", "burst", "capsules", "paths", "bigheaders", "closes", "unfinished"])
     p.add_argument("args", nargs="*")
     a = p.parse_args()
     asyncio.run(run(a))
