@@ -255,6 +255,25 @@ fn no_probe_of_a_managed_user_leaves_in_any_state() {
     m.sealed(&t, "connected");
     m.control(&t, "connected", "daemon");
 
+    // Reloads: a good policy, then a bad one (the old one keeps running).
+    let policy = sidecar.policy_path().join("default.toml");
+    std::fs::write(&policy, "fallback = \"relay\"\n# reloaded\n").expect("policy");
+    sidecar.hangup();
+    assert!(
+        sidecar
+            .wait_log(&["policy reloaded"], Duration::from_secs(5))
+            .is_some()
+    );
+    m.sealed(&t, "policy reloaded");
+    std::fs::write(&policy, "fallback = \"nowhere\"\n").expect("policy");
+    sidecar.hangup();
+    assert!(
+        sidecar
+            .wait_log(&["policy reload refused"], Duration::from_secs(5))
+            .is_some()
+    );
+    m.sealed(&t, "bad policy reloaded");
+
     nft(&t, &["flush", "ruleset"]);
     m.sealed(&t, "ruleset flushed, daemon running");
     repaired(&sidecar, "nftables table inet veil: removed");
