@@ -466,16 +466,7 @@ fn a_threaded_relay_keeps_each_connection_on_its_thread_across_address_changes()
 
 /// The count a stopped relay logged for `counter` ("final count" lines).
 fn final_count(log: &[String], counter: &str) -> u64 {
-    log.iter()
-        .filter(|l| l.contains("final count") && l.contains(&format!("counter=\"{counter}\"")))
-        .find_map(|l| {
-            l.split("value=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
+    support::final_count(log, counter)
         .unwrap_or_else(|| panic!("no final count of {counter} in {log:#?}"))
 }
 

@@ -444,18 +444,10 @@ fn datagrams_of_any_size_cross_the_tunnel_both_ways() {
         "UDP left the client directly: {leaked:?}"
     );
     let log = relay.stop();
-    let count = |name: &str| -> Option<u64> {
-        log.iter()
-            .filter(|l| l.contains("final count") && l.contains(&format!("counter=\"{name}\"")))
-            .find_map(|l| {
-                l.split("value=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-    };
-    assert_eq!(count("dropped_too_large"), Some(0), "{log:?}");
+    assert_eq!(
+        support::final_count(&log, "dropped_too_large"),
+        Some(0),
+        "{log:?}"
+    );
     drop(sidecar);
 }

@@ -67,51 +67,37 @@ impl quic::Connection<Bytes> for Connection {
     }
 }
 
-impl quic::OpenStreams<Bytes> for Connection {
-    type BidiStream = Budgeted<h3_quinn::BidiStream<Bytes>>;
-    type SendStream = h3_quinn::SendStream<Bytes>;
+/// The same stream opening for the connection and its opener (the trait wants both), over
+/// their h3-quinn counterparts in `.0`.
+macro_rules! budgeted_opener {
+    ($ty:ty) => {
+        impl quic::OpenStreams<Bytes> for $ty {
+            type BidiStream = Budgeted<h3_quinn::BidiStream<Bytes>>;
+            type SendStream = h3_quinn::SendStream<Bytes>;
 
-    fn poll_open_bidi(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Self::BidiStream, StreamErrorIncoming>> {
-        quic::OpenStreams::<Bytes>::poll_open_bidi(&mut self.0, cx).map_ok(Budgeted::new)
-    }
+            fn poll_open_bidi(
+                &mut self,
+                cx: &mut Context<'_>,
+            ) -> Poll<Result<Self::BidiStream, StreamErrorIncoming>> {
+                quic::OpenStreams::<Bytes>::poll_open_bidi(&mut self.0, cx).map_ok(Budgeted::new)
+            }
 
-    fn poll_open_send(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Self::SendStream, StreamErrorIncoming>> {
-        quic::OpenStreams::<Bytes>::poll_open_send(&mut self.0, cx)
-    }
+            fn poll_open_send(
+                &mut self,
+                cx: &mut Context<'_>,
+            ) -> Poll<Result<Self::SendStream, StreamErrorIncoming>> {
+                quic::OpenStreams::<Bytes>::poll_open_send(&mut self.0, cx)
+            }
 
-    fn close(&mut self, code: h3::error::Code, reason: &[u8]) {
-        quic::OpenStreams::<Bytes>::close(&mut self.0, code, reason);
-    }
+            fn close(&mut self, code: h3::error::Code, reason: &[u8]) {
+                quic::OpenStreams::<Bytes>::close(&mut self.0, code, reason);
+            }
+        }
+    };
 }
 
-impl quic::OpenStreams<Bytes> for Opener {
-    type BidiStream = Budgeted<h3_quinn::BidiStream<Bytes>>;
-    type SendStream = h3_quinn::SendStream<Bytes>;
-
-    fn poll_open_bidi(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Self::BidiStream, StreamErrorIncoming>> {
-        quic::OpenStreams::<Bytes>::poll_open_bidi(&mut self.0, cx).map_ok(Budgeted::new)
-    }
-
-    fn poll_open_send(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Self::SendStream, StreamErrorIncoming>> {
-        quic::OpenStreams::<Bytes>::poll_open_send(&mut self.0, cx)
-    }
-
-    fn close(&mut self, code: h3::error::Code, reason: &[u8]) {
-        quic::OpenStreams::<Bytes>::close(&mut self.0, code, reason);
-    }
-}
+budgeted_opener!(Connection);
+budgeted_opener!(Opener);
 
 impl<S: quic::RecvStream> quic::RecvStream for Budgeted<S> {
     type Buf = S::Buf;

@@ -461,6 +461,21 @@ impl Pki {
     }
 }
 
+/// The value of `counter` in a daemon's "final count" log lines, if it logged one.
+#[allow(dead_code)] // not every test binary reads counters
+pub fn final_count(log: &[String], counter: &str) -> Option<u64> {
+    log.iter()
+        .filter(|l| l.contains("final count") && l.contains(&format!("counter=\"{counter}\"")))
+        .find_map(|l| {
+            l.split("value=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+}
+
 /// Starts `veil relay --config CONFIG`, inside `netns` if given.
 pub fn spawn_relay(netns: Option<&str>, config: &Path) -> Daemon {
     let mut cmd = veil_in(netns);
