@@ -944,6 +944,27 @@ fn hostile_requests_leave_the_relays_memory_flat() {
             )
             .is_some()
     );
+    // 1,000 unfinished requests of 60,000 bytes each on one connection: at most 256 are set
+    // up at once (so at most 256 budgets are buffered), the rest refused. What is asserted is
+    // the refusal: the client cannot push 60 MB in the second it lingers, so RSS (printed)
+    // does not tell the two apart.
+    let before = relay.rss_kib();
+    let lines = masque(
+        relay.addr,
+        &pki,
+        true,
+        &["--linger", "1", "unfinished", "1000", "1", "60000"],
+    );
+    let after = relay.rss_kib();
+    eprintln!(
+        "relay RSS: {before} KiB before, {after} KiB with 1,000 unfinished 60 KB requests ({lines:?})"
+    );
+    assert_eq!(lines, ["round 1 done"]);
+    assert!(
+        relay
+            .wait_log(&["too many requests being set up"], Duration::from_secs(2))
+            .is_some()
+    );
     // The relay still serves.
     let echo = UdpEcho::spawn("127.0.0.2:0");
     let good = masque(relay.addr, &pki, true, &["bind", &echo.addr.to_string()]);

@@ -616,6 +616,26 @@ async fn serve_shard(
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
 }
 
+/// Requests one connection may have in set-up at once (headers arriving, admission, the bind's
+/// socket): with the per-request budget, at most 256 × 64 KiB buffered per connection.
+const MAX_PENDING_REQUESTS: usize = 256;
+
+/// A request's place in its connection's count of requests being set up.
+struct Pending(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Pending {
+    fn hold(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The largest decoded header section a request may have.
 const MAX_FIELD_SECTION: u64 = 16 << 10;
 /// How long a request's headers may take to arrive.
@@ -663,6 +683,7 @@ async fn serve_connection(
         tunnels.clone(),
     ));
     let requests = TaskTracker::new();
+    let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // One sweep for the connection's idle requests, rather than a timer in every bind.
     let mut sweep = tokio::time::interval(Duration::from_secs(5));
     loop {
@@ -681,6 +702,14 @@ async fn serve_connection(
                 }
             },
         };
+        // Each request being set up may hold its budget of buffered bytes; a connection may
+        // have only so many at once (a sidecar opens its binds a few at a time).
+        if pending.load(Ordering::Relaxed) >= MAX_PENDING_REQUESTS {
+            bad_request("too many requests being set up on one connection; refused");
+            drop(resolver);
+            continue;
+        }
+        let held = Pending::hold(&pending);
         let (shared, conn, tunnels, token) = (
             shared.clone(),
             conn.clone(),
@@ -692,6 +721,7 @@ async fn serve_connection(
         let span = tracing::info_span!("request", client = %remote, user = tracing::field::Empty);
         let set_up = Box::pin(
             async move {
+                let _held = held;
                 // A request whose headers never finish holds memory: it gets a deadline.
                 match tokio::time::timeout(HEADER_TIMEOUT, resolver.resolve_request()).await {
                     Ok(Ok((req, stream))) => {

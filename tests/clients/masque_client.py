@@ -18,8 +18,9 @@ modes:
                             else `sent MB`.
   closes N                  one bind, then N COMPRESSION_CLOSE capsules; prints `ended` if the
                             relay ended the request, else `open`.
-  unfinished N [ROUNDS]     per round, N requests whose HEADERS frame never completes on one
-                            connection, then --linger seconds; prints `round I done`.
+  unfinished N [ROUNDS [B]] per round, N requests whose HEADERS frame (B bytes of it sent)
+                            never completes on one connection, then --linger seconds; prints
+                            `round I done`.
   capsules ECHO SIZE ...    one bind; per size, a datagram of SIZE bytes sent as a DATAGRAM
                             capsule on the request stream (RFC 9297 §3.5); prints
                             `echo SIZE frame|capsule intact|corrupt` or `no-echo SIZE`.
@@ -172,8 +173,10 @@ async def run(a):
                 for r in range(rounds):
                     for _ in range(int(a.args[0])):
                         sid = quic.get_next_available_stream_id()
-                        quic.send_stream_data(sid, varint(0x01) + varint(200) + bytes(20), end_stream=False)
-                    client.transmit()
+                        body = int(a.args[2]) if len(a.args) > 2 else 20
+                        quic.send_stream_data(sid, varint(0x01) + varint(body + 100) + bytes(body), end_stream=False)
+                        client.transmit()
+                        await asyncio.sleep(0)
                     await asyncio.sleep(a.linger)
                     print("round", r + 1, "done", flush=True)
                 # The next line is read after the test measured the relay.
