@@ -617,8 +617,9 @@ async fn serve_shard(
 }
 
 /// Requests one connection may have in set-up at once (headers arriving, admission, the bind's
-/// socket): with the per-request budget, at most 256 × 64 KiB buffered per connection.
-const MAX_PENDING_REQUESTS: usize = 256;
+/// socket): with the per-request budget, at most 1,024 × 64 KiB buffered per connection (a
+/// sidecar that reconnects opens its binds all at once, one per app socket).
+const MAX_PENDING_REQUESTS: usize = 1024;
 
 /// A request's place in its connection's count of requests being set up.
 struct Pending(Arc<std::sync::atomic::AtomicUsize>);
