@@ -61,6 +61,23 @@ fn nft(t: &Topology, args: &[&str]) {
     assert!(ok.success(), "nft {args:?}");
 }
 
+/// How many eBPF programs the cgroup v2 root has on its egress hook.
+fn root_egress_programs() -> usize {
+    let out = std::process::Command::new("/usr/bin/python3")
+        .arg(support::client_script("cgroup_egress_programs.py"))
+        .output()
+        .expect("query");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("count")
+}
+
 /// What another tool does to veil's policy routing: its rules and its table gone.
 fn flush_routing(t: &Topology) {
     for family in ["-4", "-6"] {
@@ -229,6 +246,9 @@ fn no_probe_of_a_managed_user_leaves_in_any_state() {
     eprintln!("leak matrix ({} classes per probe, IPv4 and IPv6):", 25);
     m.control(&t, "no veil at all", "nobody");
 
+    // Only this test's lock comes and goes on the root cgroup (no other test runs in this
+    // binary): one program while installed, none left after removal.
+    let programs = root_egress_programs();
     let install = veil_in(Some(&t.ns("c")))
         .args(["firewall", "install", "--config"])
         .arg(&config)
@@ -240,6 +260,11 @@ fn no_probe_of_a_managed_user_leaves_in_any_state() {
         String::from_utf8_lossy(&install.stderr)
     );
     m.sealed(&t, "boot: firewall unit ran, no daemon");
+    assert_eq!(
+        root_egress_programs(),
+        programs + 1,
+        "the lock is attached once"
+    );
 
     let sidecar = start_sidecar(&t, &config);
     m.sealed(&t, "sidecar running, relay unreachable");
@@ -330,6 +355,12 @@ fn no_probe_of_a_managed_user_leaves_in_any_state() {
         String::from_utf8_lossy(&remove.stderr)
     );
     m.control(&t, "veil firewall remove", "nobody");
+    // Every repair above replaced the program in place; removal leaves nothing attached.
+    assert_eq!(
+        root_egress_programs(),
+        programs,
+        "a lock program was left attached"
+    );
 
     eprintln!("\n{}", m.rows.join("\n"));
     assert!(

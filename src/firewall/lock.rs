@@ -374,6 +374,8 @@ impl Lock {
     /// The cgroup a pin of this namespace belongs to.
     fn cgroup_of(&self, pin: &Path) -> Option<PathBuf> {
         let name = pin.file_name()?.to_str()?.strip_prefix(&self.prefix)?;
+        // A pin staged by an `ensure` that stopped half-way belongs to the same cgroup.
+        let name = name.strip_suffix("-new").unwrap_or(name);
         if name == "users" {
             return Some(self.root.clone());
         }
@@ -426,19 +428,24 @@ fn ensure_one(a: &Attachment) -> Result<Option<&'static str>, Error> {
         Some(_) => "detached",
         None => "missing",
     };
-    // The new program goes in first (in the old one's place where it still is), so there is
-    // no moment without a lock; then the pin moves to it.
-    let replace = old.as_ref().filter(|_| old_attached).map(AsFd::as_fd);
-    platform::attach_egress(cgroup.as_fd(), fresh.as_fd(), replace).map_err(kernel(format!(
-        "attaching the egress lock to {}",
-        a.cgroup.display()
-    )))?;
+    // Pinned first, beside the old pin: a program is never attached without a pin that finds
+    // it again (one that could not be pinned would hold forever, and nothing could remove it).
+    // Then it goes in, in the old one's place where that is still attached, so there is no
+    // moment without a lock; then the pin takes the old one's name.
     let mut staged = a.pin.clone().into_os_string();
     staged.push("-new");
     let staged = PathBuf::from(staged);
     let _ = std::fs::remove_file(&staged);
     platform::pin(fresh.as_fd(), &staged)
         .map_err(kernel(format!("pinning {}", staged.display())))?;
+    let replace = old.as_ref().filter(|_| old_attached).map(AsFd::as_fd);
+    if let Err(e) = platform::attach_egress(cgroup.as_fd(), fresh.as_fd(), replace) {
+        let _ = std::fs::remove_file(&staged);
+        return Err(kernel(format!(
+            "attaching the egress lock to {}",
+            a.cgroup.display()
+        ))(e));
+    }
     std::fs::rename(&staged, &a.pin).map_err(kernel(format!("pinning {}", a.pin.display())))?;
     Ok(Some(problem))
 }
@@ -513,6 +520,10 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         assert_eq!(lock.cgroup_of(&Path::new(PIN_DIR).join("net8-users")), None);
+        assert_eq!(
+            lock.cgroup_of(&Path::new(PIN_DIR).join("net7-users-new")),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
         let mounts = "cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
         assert_eq!(
             cgroup2_root(mounts),

@@ -378,13 +378,15 @@ fn egress_lock(i: &Interception) -> Result<lock::Lock, Error> {
 }
 
 /// Installs (or replaces, in one transaction) the table, the policy routing and the egress
-/// lock. The lock goes in first, so that managed users' traffic is held from the start.
+/// lock. The lock goes in first, so that managed users' traffic is held from the start; if it
+/// cannot, the table and the routing still go in (they hold on their own while nothing removes
+/// them) and the lock's error is returned after them.
 pub fn install(i: &Interception) -> Result<(), Error> {
-    let lock = egress_lock(i)?;
-    lock.ensure()?;
+    let locked = egress_lock(i).and_then(|lock| Ok(lock.ensure()?));
     routing(i.mark)?;
     remove_legacy(i.mark);
-    apply(i)
+    apply(i)?;
+    locked.map(drop)
 }
 
 fn apply(i: &Interception) -> Result<(), Error> {
