@@ -8,18 +8,18 @@
 //! Replies reach the app from a transparent socket bound to the peer's address, so the app sees
 //! its peer, never veil.
 
-use crate::binding::{BindEvent, Binding, Sent};
+use crate::batch::Sent;
 use crate::identity;
-use crate::policy::{User, Verdict};
-use crate::socks5::association::{Association, DropReason};
-use crate::socks5::server::{Handle, Shared, log_decision, send_now, take_session_slot};
-use crate::tunnel::Bind;
+use crate::policy::User;
+use crate::sidecar::association::Association;
+use crate::sidecar::binding::Binding;
+use crate::sidecar::pipeline::{Delivered, Front, Pipeline};
+use crate::sidecar::state::{DropReason, Handle, Shared};
 use bytes::Bytes;
 use nix::sys::socket::{setsockopt, sockopt};
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
@@ -97,6 +97,26 @@ impl ReplySockets {
         }
         map.insert(from, s.clone());
         Ok(s)
+    }
+}
+
+/// Replies reach the app from its peer's address.
+impl Front for ReplySockets {
+    fn deliver(
+        &self,
+        fill: impl FnOnce(&mut dyn FnMut(SocketAddr, SocketAddr, &[u8]) -> Sent) -> Sent,
+    ) -> Sent {
+        crate::batch::send_bursts(|bursts| {
+            fill(&mut |peer, app, payload| match self.socket(peer) {
+                Ok(socket) => bursts.push(&socket, Some(app), payload.len(), |b| {
+                    b.extend_from_slice(payload)
+                }),
+                Err(e) => {
+                    debug!(error = %e, peer = %peer, "no reply socket");
+                    Sent { ok: 0, failed: 1 }
+                }
+            })
+        })
     }
 }
 
@@ -257,14 +277,7 @@ fn owner(source: SocketAddr, destination: SocketAddr) -> Option<User> {
     identity::user_of_uid(uid).ok()
 }
 
-async fn direct_readable(socket: Option<&UdpSocket>) -> io::Result<()> {
-    match socket {
-        Some(s) => s.readable().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// One app socket: decides its flows, sends them, and answers the app as its peers.
+/// One app socket: its datagrams go through its [`Pipeline`]; replies reach it as its peers.
 async fn app(
     handle: Handle,
     source: SocketAddr,
@@ -285,95 +298,39 @@ async fn app(
         return;
     };
     let limits = shared.policy.load().policy.limits(&user);
-    let Some(_slot) = take_session_slot(shared, &user, limits.max_associations) else {
+    let Some(_slot) = shared.take_session_slot(&user, limits.max_associations) else {
         info!(user = %user, client = %source, "app socket refused: too many sessions");
         return;
     };
     let mut association = Association::new(source.ip(), limits.max_flows_per_association);
     // The kernel named the socket's owner above: it is the client.
     association.claim(source);
-    // Opened in the background, with the public port this app socket had (before a restart,
-    // say); the first datagrams wait for it (`Binding`).
-    let tunnel = shared.config.tunnel.as_ref();
-    let mut binding = Binding::new(None, ports.get(source));
-    binding.open(tunnel, user.name());
     info!(user = %user, client = %source, "app socket intercepted");
     let live = shared.registry.open(user.name(), source, "transparent");
-    let mut direct: Option<UdpSocket> = None;
+    // Opened in the background, with the public port this app socket had (before a restart,
+    // say); the first datagrams wait for it (`Binding`).
+    let binding = Binding::new(None, ports.get(source));
+    let mut pipeline = Pipeline::new(shared, user, association, binding, live);
     // Checked now and then rather than a timer re-armed for every packet.
     let mut idle_check = tokio::time::interval(APP_IDLE / 8);
     let mut last_active = Instant::now();
     loop {
-        binding.open(tunnel, user.name());
+        pipeline.open_bind();
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = idle_check.tick() => if last_active.elapsed() >= APP_IDLE { break },
             // While a bind opens, datagrams past the few it holds wait in the queue.
-            packet = rx.recv(), if !binding.is_holding_full() => {
+            packet = rx.recv(), if !pipeline.is_holding_full() => {
                 let Some((target, payload)) = packet else { break };
                 last_active = Instant::now();
-                let policy = shared.policy.load();
-                let decision = match association.decide(target, &payload, &policy, &user) {
-                    Ok(d) => d,
-                    Err(reason) => { shared.counters.drop(reason); continue; }
-                };
-                if decision.changed {
-                    log_decision(shared, &user, source, target, &decision.decision);
-                    live.flow(target, &decision.decision);
-                }
-                if decision.decision.verdict == Verdict::Block {
-                    shared.counters.drop(DropReason::Blocked);
-                    continue;
-                }
-                if !shared.take_packet_token(&user, &policy) {
-                    shared.counters.drop(DropReason::RateLimit);
-                    continue;
-                }
-                if decision.decision.verdict == Verdict::Relay {
-                    match binding.send(tunnel, user.name(), target, &payload, policy.generation) {
-                        Ok(Sent::Now) => { shared.counters.relayed_out.fetch_add(1, Ordering::Relaxed); }
-                        Ok(Sent::Held) => {}
-                        Err(reason) => shared.counters.drop(reason),
-                    }
-                    continue;
-                }
-                if direct.is_none() {
-                    let any: SocketAddr = if target.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
-                    direct = UdpSocket::bind(any).await.ok();
-                }
-                match direct.as_ref().map(|s| send_now(s, &payload, target)) {
-                    Some(Ok(_)) => { shared.counters.datagrams_out.fetch_add(1, Ordering::Relaxed); }
-                    _ => shared.counters.drop(DropReason::SendFailed),
-                }
+                pipeline.send(target, &payload);
             }
-            event = binding.event(&shared.policy) => match event {
-                BindEvent::Datagram(first) => {
-                    last_active = Instant::now();
-                    deliver_relayed(shared, &user, &mut association, &replies, binding.bind_mut(), first);
+            returned = std::future::poll_fn(|cx| pipeline.poll_return(cx)) => {
+                match pipeline.deliver(returned, &*replies, source) {
+                    Delivered::Datagrams => last_active = Instant::now(),
+                    Delivered::Opened(public) => ports.set(source, Some(public.port())),
+                    Delivered::BindChanged => {}
                 }
-                other => {
-                    if let BindEvent::Opened { public, .. } = &other {
-                        ports.set(source, Some(public.port()));
-                    }
-                    other.record(&shared.counters, &user, source);
-                }
-            },
-            r = direct_readable(direct.as_ref()) => {
-                if r.is_err() { direct = None; continue; }
-                last_active = Instant::now();
-                crate::with_buffer(|buf| {
-                    while let Some(Ok((n, peer))) = direct.as_ref().map(|s| s.try_recv_from(buf)) {
-                        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-                        let policy = shared.policy.load();
-                        match association.admit_peer(peer, &[], Verdict::Direct, &policy, &user) {
-                            Ok(app) => match replies.socket(peer).and_then(|s| s.send_to(buf.get(..n).unwrap_or_default(), &app.into())) {
-                                Ok(_) => { shared.counters.datagrams_in.fetch_add(1, Ordering::Relaxed); }
-                                Err(_) => shared.counters.drop(DropReason::SendFailed),
-                            },
-                            Err(reason) => shared.counters.drop(reason),
-                        }
-                    }
-                });
             }
         }
     }
@@ -381,42 +338,7 @@ async fn app(
     if !shutdown.is_cancelled() {
         ports.set(source, None);
     }
-    info!(user = %user, client = %source, flows = association.flow_count(), "app socket released");
-}
-
-/// Datagrams from relayed peers, `first` and whatever else has already arrived: to the app,
-/// each as its peer (if that peer is a `relay` flow), a burst from one peer in one GSO send.
-fn deliver_relayed(
-    shared: &Shared,
-    user: &User,
-    association: &mut Association,
-    replies: &ReplySockets,
-    bind: Option<&mut Bind>,
-    first: (SocketAddr, Bytes),
-) {
-    let policy = shared.policy.load();
-    let sent = crate::batch::send_bursts(|bursts| {
-        let mut sent = crate::batch::Sent::default();
-        for (peer, payload) in crate::tunnel::burst(first, bind) {
-            let admitted = association.admit_peer(peer, &payload, Verdict::Relay, &policy, user);
-            match admitted.map(|app| (app, replies.socket(peer))) {
-                Ok((app, Ok(socket))) => {
-                    sent += bursts.push(&socket, Some(app), payload.len(), |b| {
-                        b.extend_from_slice(&payload)
-                    });
-                }
-                Ok((_, Err(e))) => {
-                    debug!(error = %e, peer = %peer, "no reply socket");
-                    shared.counters.drop(DropReason::SendFailed);
-                }
-                Err(reason) => shared.counters.drop(reason),
-            }
-        }
-        sent
-    });
-    let c = &shared.counters;
-    c.relayed_in.fetch_add(sent.ok, Ordering::Relaxed);
-    c.drop_n(DropReason::SendFailed, sent.failed);
+    info!(user = %pipeline.user(), client = %source, flows = pipeline.flow_count(), "app socket released");
 }
 
 #[cfg(test)]

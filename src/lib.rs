@@ -3,7 +3,6 @@
 //! The library holds all logic; `src/main.rs` is a thin command-line shell around it.
 
 pub(crate) mod batch;
-mod binding;
 pub mod control;
 pub mod firewall;
 pub mod identity;

@@ -6,16 +6,16 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use veil::pki;
 use veil::policy::{self, Policy};
-use veil::relay::config::{InboundFilter, Quotas, RelayConfig};
+use veil::relay::config::RelayConfig;
 use veil::relay::server::Relay;
-use veil::sidecar::SidecarConfig;
-use veil::socks5::passwords::{self, PasswordFile};
-use veil::socks5::server::{Config, Server};
-use veil::tunnel::{Tunnel, TunnelConfig};
+use veil::sidecar::{Reloader, Settings, Sidecar, SidecarConfig};
+use veil::socks5::passwords;
+use veil::tunnel::TunnelConfig;
 
 /// EX_USAGE: a configuration error. systemd units list it in RestartPreventExitStatus.
 const EXIT_CONFIG: u8 = 64;
@@ -301,57 +301,6 @@ fn write_pki(dir: &Path, relay_names: &[String], clients: &[String]) -> anyhow::
     Ok(())
 }
 
-/// The kernel interception settings of a sidecar config: names resolved to ids.
-fn interception(
-    t: &veil::sidecar::TransparentSettings,
-) -> anyhow::Result<veil::firewall::Interception> {
-    let mut uids = Vec::new();
-    for name in &t.users {
-        let user = nix::unistd::User::from_name(name)?
-            .with_context(|| format!("managed user {name:?} does not exist"))?;
-        uids.push(user.uid.as_raw());
-    }
-    let mut gids = Vec::new();
-    let mut routed_uids = uids.clone();
-    for name in &t.groups {
-        let group = nix::unistd::Group::from_name(name)?
-            .with_context(|| format!("managed group {name:?} does not exist"))?;
-        gids.push(group.gid.as_raw());
-        for member in &group.mem {
-            if let Ok(Some(user)) = nix::unistd::User::from_name(member) {
-                routed_uids.push(user.uid.as_raw());
-            }
-        }
-    }
-    let mut cgroups = Vec::new();
-    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let own = own
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .unwrap_or("/");
-    for path in &t.cgroups {
-        let cgroup = veil::firewall::ManagedCgroup::resolve(path).map_err(anyhow::Error::msg)?;
-        if cgroup.contains(own) {
-            bail!("cgroup {path:?} contains veil itself ({own}): its tunnel would be intercepted");
-        }
-        cgroups.push(cgroup);
-    }
-    routed_uids.sort_unstable();
-    routed_uids.dedup();
-    if uids.contains(&0) || gids.contains(&0) || routed_uids.contains(&0) {
-        bail!("root cannot be a managed user or group: veil itself runs as root");
-    }
-    Ok(veil::firewall::Interception {
-        uids,
-        gids,
-        inbound_cgroups: veil::firewall::user_slices(&routed_uids),
-        routed_uids,
-        cgroups,
-        port: t.port,
-        mark: t.mark,
-    })
-}
-
 fn firewall(action: FirewallAction) -> anyhow::Result<()> {
     match action {
         FirewallAction::Install { config } => {
@@ -359,7 +308,9 @@ fn firewall(action: FirewallAction) -> anyhow::Result<()> {
             let t = settings
                 .transparent
                 .context("the sidecar config has no [transparent] section")?;
-            veil::firewall::install(&interception(&t)?)?;
+            let own = veil::sidecar::managed::own_cgroup();
+            let i = veil::sidecar::managed::resolve(&t, &veil::sidecar::managed::System, &own)?;
+            veil::firewall::install(&i)?;
             println!("veil firewall installed: managed users' UDP leaves only through veil");
         }
         FirewallAction::Remove { mark } => {
@@ -370,39 +321,6 @@ fn firewall(action: FirewallAction) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every certificate in a PEM file.
-fn load_certificates(
-    path: &Path,
-) -> anyhow::Result<Vec<rustls_pki_types::CertificateDer<'static>>> {
-    Ok(pki::certificates(
-        &pki::read(path)?,
-        &path.display().to_string(),
-    )?)
-}
-
-/// A certificate chain and its private key, from PEM files.
-fn load_identity(
-    certificate: &Path,
-    private_key: &Path,
-) -> anyhow::Result<(
-    Vec<rustls_pki_types::CertificateDer<'static>>,
-    rustls_pki_types::PrivateKeyDer<'static>,
-)> {
-    let certs = load_certificates(certificate)?;
-    let key = pki::private_key(&pki::read(private_key)?, &private_key.display().to_string())?;
-    Ok((certs, key))
-}
-
-fn tunnel_config_from(settings: &veil::sidecar::RelaySettings) -> anyhow::Result<TunnelConfig> {
-    let ca = load_certificates(&settings.ca)?;
-    let (certs, key) = load_identity(&settings.certificate, &settings.private_key)?;
-    Ok(TunnelConfig {
-        relay: settings.address,
-        server_name: settings.server_name.clone(),
-        client: pki::client_config(&ca, certs, key)?,
-    })
-}
-
 async fn sidecar(
     config_file: Option<PathBuf>,
     listen: Option<SocketAddr>,
@@ -410,23 +328,17 @@ async fn sidecar(
     passwords: Option<PathBuf>,
     control: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let mut settings = match &config_file {
+    let mut config = match &config_file {
         Some(path) => SidecarConfig::load(path).map_err(anyhow::Error::msg)?,
         // No file: every setting at its default, as an empty file gives.
         None => SidecarConfig::parse(Path::new("/etc/veil/sidecar.toml"), "")
             .map_err(anyhow::Error::msg)?,
     };
-    settings.listen = listen.unwrap_or(settings.listen);
-    settings.policy_dir = policy_dir.unwrap_or(settings.policy_dir);
-    settings.passwords = passwords.or(settings.passwords);
-    settings.control = control.or(settings.control);
-
-    let mut config = Config::new(settings.listen);
-    config.max_clients = settings.max_sessions;
-    if let Some(path) = &settings.passwords {
-        config.passwords = Some(PasswordFile::load(path)?);
-    }
-    let policy = match load_policy(&settings.policy_dir) {
+    config.listen = listen.unwrap_or(config.listen);
+    config.policy_dir = policy_dir.unwrap_or(config.policy_dir);
+    config.passwords = passwords.or(config.passwords);
+    config.control = control.or(config.control);
+    let policy = match load_policy(&config.policy_dir) {
         Ok(p) => p,
         Err(errors) => {
             for e in &errors.0 {
@@ -434,82 +346,78 @@ async fn sidecar(
             }
             bail!(
                 "policy {} is invalid ({} errors), not starting",
-                settings.policy_dir.display(),
+                config.policy_dir.display(),
                 errors.0.len()
             );
         }
     };
-    let shutdown = CancellationToken::new();
-    if let Some(relay) = &settings.relay {
-        let tunnel = Tunnel::start(tunnel_config_from(relay)?, shutdown.clone())?;
-        config.tunnel = Some(tunnel);
-    } else {
-        warn!("no [relay] configured: `relay` verdicts are dropped (fail closed)");
-    }
-    let interception = match &settings.transparent {
-        Some(t) => {
-            let i = interception(t)?;
-            // The kernel side first: from here on managed users' UDP leaves only through veil.
-            veil::firewall::install(&i)?;
-            info!(users = ?t.users, groups = ?t.groups, port = t.port, "firewall installed");
-            Some(i)
-        }
-        None => None,
-    };
-    let managed: Vec<String> = settings
-        .transparent
-        .as_ref()
-        .map(|t| {
-            t.users
-                .iter()
-                .cloned()
-                .chain(t.groups.iter().map(|g| format!("group {g}")))
-                .chain(t.cgroups.iter().map(|c| format!("cgroup {c}")))
-                .collect()
-        })
-        .unwrap_or_default();
-    let control = veil::control::socket_path(settings.control.as_ref());
-    let ports_file = settings.transparent.as_ref().map(|t| {
-        t.ports_file.clone().unwrap_or_else(|| {
-            control
-                .parent()
-                .unwrap_or(Path::new("/run/veil"))
-                .join("ports")
-        })
-    });
-    let extras = Extras {
-        interception,
-        ports_file,
-        control: Some(control),
-        metrics: settings.metrics,
-        managed,
-    };
-    serve_sidecar(
-        config,
-        policy,
-        Some(settings.policy_dir),
-        shutdown,
-        None,
-        extras,
-    )
-    .await
+    let sidecar = Sidecar::bind(Settings::from_config(&config)?, policy).await?;
+    serve(sidecar, Some(config.policy_dir)).await
 }
 
-/// What a full sidecar runs beside the SOCKS5 server.
-#[derive(Default)]
-struct Extras {
-    interception: Option<veil::firewall::Interception>,
-    /// Where the transparent listener keeps each app socket's public port.
-    ports_file: Option<PathBuf>,
-    control: Option<PathBuf>,
-    metrics: Option<SocketAddr>,
-    managed: Vec<String>,
+/// Runs `sidecar` until SIGTERM or SIGINT, reloading the policy in `policy_dir` on SIGHUP.
+async fn serve(sidecar: Sidecar, policy_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let reloader = sidecar.reloader();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(sidecar.run(stop.clone().cancelled_owned()));
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            _ = hangup.recv() => match &policy_dir {
+                Some(dir) => reload(&reloader, dir).await,
+                None => info!("SIGHUP ignored: the built-in policy has nothing to reload"),
+            },
+        }
+    }
+    stop.cancel();
+    let _ = run.await;
+    Ok(())
+}
+
+/// Loads the policy in `dir` and reloads the sidecar with it; a bad policy, or a firewall that
+/// cannot be applied, leaves the running policy and ruleset in place.
+async fn reload(reloader: &Reloader, dir: &Path) {
+    // Parsed and compiled on a blocking thread: the sidecar has one runtime thread, and a large
+    // policy would stall every flow while it parses.
+    let loaded = tokio::task::spawn_blocking({
+        let dir = dir.to_owned();
+        move || load_policy(&dir)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(policy::PolicyErrors(vec![policy::LoadError::Path {
+            path: dir.display().to_string(),
+            message: format!("loading failed: {e}"),
+        }]))
+    });
+    match loaded {
+        Ok(p) => {
+            let _ = veil::notify::reloading();
+            match reloader.reload(p) {
+                Ok(generation) => info!(generation, dir = %dir.display(), "policy reloaded"),
+                Err(e) => {
+                    error!(error = %e, "policy reload refused: the firewall could not be applied; the running policy and ruleset stay")
+                }
+            }
+            let _ = veil::notify::notify("READY=1");
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                warn!(error = %e, "policy reload refused");
+            }
+            warn!(dir = %dir.display(), errors = errors.0.len(), "policy reload refused, the running policy stays");
+        }
+    }
 }
 
 async fn relay(path: &Path) -> anyhow::Result<()> {
     let config = RelayConfig::load(path)?;
-    let (certs, key) = load_identity(&config.certificate, &config.private_key)?;
-    let ca = load_certificates(&config.client_ca)?;
+    let (certs, key) = pki::identity_from_files(&config.certificate, &config.private_key)?;
+    let ca = pki::certificates_from_file(&config.client_ca)?;
     let der = key.secret_der().to_vec();
     let tls = pki::server_config(certs, key, &ca)?;
     let threads = config.threads;
@@ -521,8 +429,13 @@ async fn relay(path: &Path) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(relay.run(shutdown.clone()));
     let _ = veil::notify::notify("READY=1\nSTATUS=serving");
-    tokio::spawn(watchdog(shutdown.clone()));
-    wait_for_stop().await?;
+    tokio::spawn(veil::notify::watchdog(shutdown.clone()));
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
     info!("shutting down");
     let _ = veil::notify::notify("STOPPING=1");
     shutdown.cancel();
@@ -533,84 +446,8 @@ async fn relay(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every 2 s compares the kill switch in the kernel (egress lock, policy routing, nftables
-/// table) with what veil wrote and puts back whatever another tool changed, loudly.
-async fn guard_firewall(mut i: veil::firewall::Interception, shutdown: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
-        }
-        let uids = i.routed_uids.clone();
-        let slices = tokio::task::spawn_blocking(move || veil::firewall::user_slices(&uids)).await;
-        let changed = slices.as_ref().is_ok_and(|s| *s != i.inbound_cgroups);
-        if let (true, Ok(slices)) = (changed, slices) {
-            let paths: Vec<&str> = slices.iter().map(|c| c.path.as_str()).collect();
-            info!(slices = ?paths, "managed users' session cgroups changed; updating the firewall");
-            i.inbound_cgroups = slices;
-            let i = i.clone();
-            match tokio::task::spawn_blocking(move || veil::firewall::install(&i)).await {
-                Ok(Ok(())) => info!("firewall updated"),
-                Ok(Err(e)) => error!(error = %e, "cannot update the firewall"),
-                Err(e) => error!(error = %e, "cannot update the firewall"),
-            }
-            continue;
-        }
-        let j = i.clone();
-        match tokio::task::spawn_blocking(move || veil::firewall::ensure(&j)).await {
-            Ok(Ok(damage)) if damage.is_empty() => {}
-            Ok(Ok(damage)) => {
-                for d in &damage {
-                    error!(damage = %d, "the kill switch was changed by another tool");
-                }
-                warn!(repaired = damage.len(), "firewall reinstalled");
-            }
-            Ok(Err(e)) => error!(error = %e, "cannot check or repair the firewall"),
-            Err(e) => error!(error = %e, "cannot check or repair the firewall"),
-        }
-    }
-}
-
-/// Pings systemd's watchdog at half its interval while the runtime is alive.
-async fn watchdog(shutdown: CancellationToken) {
-    let Some(interval) = veil::notify::watchdog_interval() else {
-        return;
-    };
-    loop {
-        let _ = veil::notify::notify("WATCHDOG=1");
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(interval / 2) => {}
-        }
-    }
-}
-
-/// Tells systemd the sidecar is ready once the tunnel is up (or at once without a relay).
-async fn announce_ready(tunnel: Option<Tunnel>) {
-    if let Some(t) = tunnel {
-        let _ = veil::notify::notify("STATUS=waiting for the relay; managed traffic is blocked");
-        while !t
-            .wait_for(
-                veil::tunnel::TunnelState::Connected,
-                std::time::Duration::from_secs(3600),
-            )
-            .await
-        {}
-    }
-    let _ = veil::notify::notify("READY=1\nSTATUS=serving");
-}
-
-async fn wait_for_stop() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
-    }
-    Ok(())
-}
-
+/// A relay and a sidecar in one process, on loopback, with fresh certificates and the
+/// built-in policy.
 async fn up(listen: SocketAddr, allow: Vec<ipnet::IpNet>) -> anyhow::Result<()> {
     let policy = policy::embedded_default()
         .map_err(|e| anyhow::anyhow!("built-in policy is invalid:\n{e}"))?;
@@ -626,39 +463,26 @@ async fn up(listen: SocketAddr, allow: Vec<ipnet::IpNet>) -> anyhow::Result<()> 
         relay_key,
         &ca,
     )?;
-    let relay_config = RelayConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        public_address: [127, 0, 0, 1].into(),
-        certificate: PathBuf::new(),
-        private_key: PathBuf::new(),
-        client_ca: PathBuf::new(),
-        allow,
-        inbound_filter: InboundFilter::AddressDependent,
-        quotas: Quotas::default(),
-        // The demo relay shares the sidecar's thread.
-        threads: 1,
-        speaks_for: None,
-    };
-    let relay = Relay::bind(relay_config, tls, |_, _| endpoint_config.clone())?;
+    let relay = Relay::bind(RelayConfig::embedded(allow), tls, |_, _| {
+        endpoint_config.clone()
+    })?;
     let relay_addr = relay.local_addr()?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn(relay.run(shutdown.clone()));
+    let relay_stop = CancellationToken::new();
+    tokio::spawn(relay.run(relay_stop.clone()));
+    let _relay_stop = relay_stop.drop_guard();
     let (_, client) = set.clients.first().context("generated client identity")?;
-    let tunnel = Tunnel::start(
-        TunnelConfig {
-            relay: relay_addr,
-            server_name: "localhost".to_owned(),
-            client: pki::client_config(
-                &ca,
-                pki::certificates(&client.cert_pem, "generated client certificate")?,
-                pki::private_key(&client.key_pem, "generated client key")?,
-            )?,
-        },
-        shutdown.clone(),
-    )?;
-    let mut config = Config::new(listen);
-    config.tunnel = Some(tunnel);
-    let banner = format!(
+    let mut settings = Settings::new(listen);
+    settings.tunnel = Some(TunnelConfig {
+        relay: relay_addr,
+        server_name: "localhost".to_owned(),
+        client: pki::client_config(
+            &ca,
+            pki::certificates(&client.cert_pem, "generated client certificate")?,
+            pki::private_key(&client.key_pem, "generated client key")?,
+        )?,
+    });
+    let sidecar = Sidecar::bind(settings, policy).await?;
+    println!(
         "veil is up: SOCKS5 on {listen}, relay on {relay_addr} (QUIC, fresh certificates), built-in default policy.\n\
          `relay` verdicts leave from the relay's address; private networks go direct; nothing is ever sent\n\
          direct that the policy says to relay. Try it (PySocks: pip install PySocks==1.7.1):\n  \
@@ -668,139 +492,5 @@ async fn up(listen: SocketAddr, allow: Vec<ipnet::IpNet>) -> anyhow::Result<()> 
         listen.ip(),
         listen.port()
     );
-    serve_sidecar(
-        config,
-        policy,
-        None,
-        shutdown,
-        Some(banner),
-        Extras::default(),
-    )
-    .await
-}
-
-async fn serve_sidecar(
-    config: Config,
-    policy: Policy,
-    policy_dir: Option<PathBuf>,
-    shutdown: CancellationToken,
-    banner: Option<String>,
-    extras: Extras,
-) -> anyhow::Result<()> {
-    let Extras {
-        interception,
-        control,
-        metrics,
-        managed,
-        ports_file,
-    } = extras;
-    use tokio::signal::unix::{SignalKind, signal};
-    let tunnel = config.tunnel.clone();
-    let server = Server::bind(config, policy).await?;
-    let addr = server.local_addr()?;
-    let handle = server.handle();
-    let reinstall = interception.clone();
-    if let Some(i) = interception {
-        let (h, token) = (handle.clone(), shutdown.clone());
-        let port = i.port;
-        let ports = veil::intercept::PublicPorts::load(ports_file);
-        tokio::spawn(async move {
-            if let Err(e) = veil::intercept::run(h, port, ports, token).await {
-                error!("{e}; managed users' UDP is dropped by the firewall");
-            }
-        });
-        tokio::spawn(guard_firewall(i, shutdown.clone()));
-    }
-    info!(listen = %addr, "veil sidecar ready (SOCKS5)");
-    if let Some(banner) = banner {
-        println!("{banner}");
-    }
-    if let Some(path) = control {
-        match veil::control::bind_control(&path) {
-            Ok(listener) => {
-                tokio::spawn(veil::control::serve_control(
-                    listener,
-                    handle.clone(),
-                    managed,
-                    shutdown.clone(),
-                ));
-            }
-            // Status is for people; proxying goes on without it.
-            Err(e) => {
-                warn!(socket = %path.display(), error = %e, "no control socket: veil status will not answer")
-            }
-        }
-    }
-    if let Some(addr) = metrics {
-        let (h, token) = (handle.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            if let Err(e) = veil::control::serve_metrics(addr, h, token).await {
-                error!(error = %e, "metrics endpoint failed");
-            }
-        });
-    }
-    let run = tokio::spawn(server.run(shutdown.clone()));
-    tokio::spawn(announce_ready(tunnel));
-    tokio::spawn(watchdog(shutdown.clone()));
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    loop {
-        tokio::select! {
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
-            _ = hangup.recv() => match &policy_dir {
-                // Parsed and compiled on a blocking thread: the sidecar has one runtime
-                // thread, and a large policy would stall every flow while it parses.
-                Some(dir) => match tokio::task::spawn_blocking({
-                    let dir = dir.clone();
-                    move || load_policy(&dir)
-                })
-                .await
-                .unwrap_or_else(|e| Err(policy::PolicyErrors(vec![policy::LoadError::Path {
-                    path: dir.display().to_string(),
-                    message: format!("loading failed: {e}"),
-                }])))
-                {
-                    Ok(p) => {
-                        let _ = veil::notify::reloading();
-                        // The ruleset first, in one transaction; only if it went in is the new
-                        // policy swapped in, so old policy and old ruleset stay together.
-                        let applied = match &reinstall {
-                            Some(i) => {
-                                // With the users' session slices as they are now.
-                                let mut i = i.clone();
-                                i.inbound_cgroups = veil::firewall::user_slices(&i.routed_uids);
-                                veil::firewall::install(&i)
-                            }
-                            None => Ok(()),
-                        };
-                        match applied {
-                            Ok(()) => {
-                                let generation = handle.reload(p);
-                                info!(generation, dir = %dir.display(), "policy reloaded");
-                            }
-                            Err(e) => error!(error = %e, "policy reload refused: the firewall could not be applied; the running policy and ruleset stay"),
-                        }
-                        let _ = veil::notify::notify("READY=1");
-                    }
-                    Err(errors) => {
-                        for e in &errors.0 {
-                            warn!(error = %e, "policy reload refused");
-                        }
-                        warn!(dir = %dir.display(), errors = errors.0.len(), "policy reload refused, the running policy stays");
-                    }
-                },
-                None => info!("SIGHUP ignored: the built-in policy has nothing to reload"),
-            },
-        }
-    }
-    info!("shutting down");
-    let _ = veil::notify::notify("STOPPING=1");
-    shutdown.cancel();
-    let _ = run.await;
-    for (name, value) in handle.counters().snapshot() {
-        info!(counter = name, value, "final count");
-    }
-    Ok(())
+    serve(sidecar, None).await
 }

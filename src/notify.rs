@@ -43,6 +43,21 @@ pub fn watchdog_interval() -> Option<Duration> {
     Some(Duration::from_micros(usec))
 }
 
+/// Pings systemd's watchdog at half its interval while the runtime is alive, until
+/// `shutdown`.
+pub async fn watchdog(shutdown: tokio_util::sync::CancellationToken) {
+    let Some(interval) = watchdog_interval() else {
+        return;
+    };
+    loop {
+        let _ = notify("WATCHDOG=1");
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval / 2) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

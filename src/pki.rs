@@ -152,6 +152,32 @@ pub fn private_key(pem: &str, origin: &str) -> Result<PrivateKeyDer<'static>, Er
     })
 }
 
+/// Every certificate in a PEM file.
+pub fn certificates_from_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    certificates(&read(path)?, &path.display().to_string())
+}
+
+/// A certificate chain and its private key, from PEM files.
+pub fn identity_from_files(
+    certificate: &Path,
+    private_key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Error> {
+    let certs = certificates_from_file(certificate)?;
+    let key = self::private_key(&read(private_key)?, &private_key.display().to_string())?;
+    Ok((certs, key))
+}
+
+/// [`client_config`] from PEM files: the relay's CA, the sidecar's certificate and key.
+pub fn client_config_from_files(
+    relay_ca: &Path,
+    certificate: &Path,
+    private_key: &Path,
+) -> Result<quinn::ClientConfig, Error> {
+    let ca = certificates_from_file(relay_ca)?;
+    let (certs, key) = identity_from_files(certificate, private_key)?;
+    client_config(&ca, certs, key)
+}
+
 fn roots(ca: &[CertificateDer<'static>]) -> Result<RootCertStore, Error> {
     let mut roots = RootCertStore::empty();
     for cert in ca {

@@ -115,6 +115,28 @@ impl Drop for LiveSession {
     }
 }
 
+/// The tunnel's line of the report: its state and figures, or that there is none.
+pub fn tunnel_line(tunnel: Option<&crate::tunnel::Tunnel>) -> String {
+    match tunnel {
+        Some(t) => {
+            let f = t.figures();
+            let rtt = f
+                .rtt
+                .map(|r| format!("rtt {:.1} ms, ", r.as_secs_f64() * 1e3))
+                .unwrap_or_default();
+            format!(
+                "{} ({rtt}{} of {} packets lost on this connection; {} connections, {} replaced after the relay fell silent)",
+                t.state().as_str(),
+                f.lost_packets,
+                f.sent_packets,
+                f.connects,
+                f.replaced
+            )
+        }
+        None => "none (no relay configured: relayed traffic is dropped)".to_owned(),
+    }
+}
+
 /// The `veil status` report.
 pub fn report(
     tunnel: &str,

@@ -33,6 +33,7 @@
 //! All of it stays when the daemon stops, crashes or is killed: only `veil firewall remove`
 //! takes it away.
 
+pub mod guard;
 pub mod lock;
 
 use std::fmt::Write as _;

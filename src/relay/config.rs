@@ -80,6 +80,24 @@ pub struct RelayConfig {
 }
 
 impl RelayConfig {
+    /// The relay `veil up` embeds: on an ephemeral loopback port, sending from 127.0.0.1, one
+    /// thread (it shares the sidecar's), allowed to reach the special-purpose ranges in
+    /// `allow`. Certificates are given to it directly, not read from files.
+    pub fn embedded(allow: Vec<IpNet>) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            public_address: [127, 0, 0, 1].into(),
+            certificate: PathBuf::new(),
+            private_key: PathBuf::new(),
+            client_ca: PathBuf::new(),
+            allow,
+            inbound_filter: InboundFilter::AddressDependent,
+            quotas: Quotas::default(),
+            threads: 1,
+            speaks_for: None,
+        }
+    }
+
     /// Whether a sidecar whose certificate's common name is `identity` may act for `user`.
     pub fn may_speak_for(&self, identity: Option<&str>, user: &str) -> bool {
         match (&self.speaks_for, identity) {

@@ -4,19 +4,21 @@
 //! module only moves bytes between sockets and does what they say. Shutdown: a cancellation token
 //! stops the accept loop and every session, then [`Server::run`] waits for the tasks to finish.
 
-use super::association::{Admission, Association, DropReason, PolicyVersion};
 use super::codec::{self, Address, Command, Method, Reply};
 use super::passwords::PasswordFile;
-use crate::binding::{BindEvent, Binding, Sent};
+use crate::batch::Sent;
 use crate::identity;
-use crate::policy::{Decision, Policy, Target, User, Verdict};
+use crate::policy::{Target, User, Verdict};
 use crate::rate::TokenBucket;
-use crate::tunnel::{self, OpenError, Tunnel, TunnelState};
-use arc_swap::ArcSwap;
+use crate::sidecar::association::{Admission, Association};
+use crate::sidecar::binding::Binding;
+use crate::sidecar::pipeline::{BATCH, Front, Pipeline, Return};
+use crate::sidecar::state::{DropReason, Handle, SessionSlot, Shared};
+use crate::tunnel::{self, OpenError, TunnelState};
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -42,8 +44,6 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Time sessions get to end after shutdown is requested.
     pub shutdown_grace: Duration,
-    /// The tunnel to the relay; without it, `relay` verdicts are dropped (fail closed).
-    pub tunnel: Option<Tunnel>,
 }
 
 impl Config {
@@ -56,7 +56,6 @@ impl Config {
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
-            tunnel: None,
         }
     }
 }
@@ -74,82 +73,14 @@ pub enum Error {
     Listen(SocketAddr, io::Error),
 }
 
-/// Counters of what the server did; read them with [`Counters::snapshot`].
-#[derive(Debug, Default)]
-pub struct Counters {
-    drops: [AtomicU64; DropReason::ALL.len()],
-    /// Datagrams sent on to targets.
-    pub datagrams_out: AtomicU64,
-    /// Datagrams from targets delivered to clients.
-    pub datagrams_in: AtomicU64,
-    /// Datagrams sent through the tunnel.
-    pub relayed_out: AtomicU64,
-    /// Datagrams from the tunnel delivered to clients.
-    pub relayed_in: AtomicU64,
-    /// SOCKS5 sessions accepted (past the handshake).
-    pub sessions: AtomicU64,
-}
-
-impl Counters {
-    pub(crate) fn drop(&self, reason: DropReason) {
-        self.drop_n(reason, 1);
-    }
-
-    pub(crate) fn drop_n(&self, reason: DropReason, n: u64) {
-        if let Some(c) = self.drops.get(reason.index())
-            && n > 0
-        {
-            c.fetch_add(n, Ordering::Relaxed);
-        }
-    }
-
-    /// Drops so far for `reason`.
-    pub fn drops(&self, reason: DropReason) -> u64 {
-        self.drops
-            .get(reason.index())
-            .map_or(0, |c| c.load(Ordering::Relaxed))
-    }
-
-    /// Every counter as `(name, value)`.
-    pub fn snapshot(&self) -> Vec<(String, u64)> {
-        let drops = DropReason::ALL
-            .iter()
-            .map(|r| (format!("dropped_{}", r.as_str()), self.drops(*r)));
-        let totals = [
-            ("datagrams_out", &self.datagrams_out),
-            ("datagrams_in", &self.datagrams_in),
-            ("relayed_out", &self.relayed_out),
-            ("relayed_in", &self.relayed_in),
-            ("sessions", &self.sessions),
-        ]
-        .into_iter()
-        .map(|(name, c)| (name.to_owned(), c.load(Ordering::Relaxed)));
-        drops.chain(totals).collect()
-    }
-}
-
-/// What one user is using right now.
+/// What every SOCKS5 session shares: the server's configuration, the sidecar's state, and
+/// each owner's count of connections.
 #[derive(Debug)]
-struct UserState {
-    sessions: u32,
-    packets: TokenBucket,
-}
-
-/// State shared by every session (and by transparent interception, [`crate::intercept`]).
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) config: Config,
-    pub(crate) policy: ArcSwap<PolicyVersion>,
-    users: Mutex<HashMap<String, UserState>>,
-    pub(crate) counters: Counters,
-    /// Bounds how many block decisions are logged per second.
-    block_log: Mutex<TokenBucket>,
-    /// Bounds how many refused sources (another user's socket, none) are logged per second.
-    source_log: Mutex<TokenBucket>,
-    /// Live sessions and their flows, for status.
-    pub(crate) registry: Arc<crate::status::Registry>,
+struct Socks5 {
+    config: Config,
+    state: Handle,
     /// Open connections by owner (a local uid, or a remote client's IP), whatever their stage:
-    /// no owner may hold more than [`Shared::per_owner`] of the server's slots.
+    /// no owner may hold more than [`Socks5::per_owner`] of the server's slots.
     owners: Mutex<HashMap<Owner, u32>>,
 }
 
@@ -163,7 +94,7 @@ enum Owner {
 
 /// One connection's place in its owner's count; released on drop.
 struct OwnerSlot {
-    shared: Arc<Shared>,
+    shared: Arc<Socks5>,
     owner: Owner,
 }
 
@@ -180,7 +111,7 @@ impl Drop for OwnerSlot {
     }
 }
 
-impl Shared {
+impl Socks5 {
     /// How many of the server's connection slots one owner may hold: an eighth, so that one
     /// user's idle connections never keep the others waiting (at least 64).
     fn per_owner(&self) -> u32 {
@@ -202,130 +133,29 @@ impl Shared {
             owner,
         })
     }
-
-    /// Logs a datagram refused for the socket that sent it, unless many were just logged (a
-    /// flood of forged datagrams must not fill the journal). The caller counts it.
-    pub(crate) fn log_refused_source(&self, reason: DropReason, client: SocketAddr, user: &str) {
-        let log = self
-            .source_log
-            .lock()
-            .map(|mut b| b.take(Instant::now()))
-            .unwrap_or(false);
-        if log {
-            warn!(client = %client, user, reason = reason.as_str(), "datagram refused for the socket that sent it");
-        }
-    }
-
-    /// Charges one datagram to `user`'s packet rate; false if over the limit.
-    pub(crate) fn take_packet_token(&self, user: &User, policy: &PolicyVersion) -> bool {
-        let Ok(mut users) = self.users.lock() else {
-            return false;
-        };
-        let Some(state) = users.get_mut(user.name()) else {
-            return false;
-        };
-        state
-            .packets
-            .set_rate(policy.policy.limits(user).max_packets_per_second);
-        state.packets.take(Instant::now())
-    }
-}
-
-/// A handle to a running server: reload its policy, read its counters.
-#[derive(Debug, Clone)]
-pub struct Handle {
-    pub(crate) shared: Arc<Shared>,
-}
-
-impl Handle {
-    /// Swaps in a new policy; every live flow is decided again on its next packet.
-    pub fn reload(&self, policy: Policy) -> u64 {
-        let generation = self.shared.policy.load().generation + 1;
-        self.shared
-            .policy
-            .store(Arc::new(PolicyVersion { policy, generation }));
-        generation
-    }
-
-    /// The server's counters.
-    pub fn counters(&self) -> &Counters {
-        &self.shared.counters
-    }
-
-    fn tunnel_state(&self) -> String {
-        match &self.shared.config.tunnel {
-            Some(t) => {
-                let f = t.figures();
-                let rtt = f
-                    .rtt
-                    .map(|r| format!("rtt {:.1} ms, ", r.as_secs_f64() * 1e3))
-                    .unwrap_or_default();
-                format!(
-                    "{} ({rtt}{} of {} packets lost on this connection; {} connections, {} replaced after the relay fell silent)",
-                    t.state().as_str(),
-                    f.lost_packets,
-                    f.sent_packets,
-                    f.connects,
-                    f.replaced
-                )
-            }
-            None => "none (no relay configured: relayed traffic is dropped)".to_owned(),
-        }
-    }
-
-    /// The `veil status` report; `managed` names the transparently managed users and groups.
-    pub fn status_report(&self, managed: &[String]) -> String {
-        crate::status::report(
-            &self.tunnel_state(),
-            managed,
-            crate::firewall::last_check().as_deref(),
-            &self.shared.registry.snapshot(),
-            &self.counters().snapshot(),
-        )
-    }
-
-    /// The counters in Prometheus text format.
-    pub fn prometheus(&self) -> String {
-        let tunnel = self.shared.config.tunnel.as_ref();
-        let up = tunnel.is_some_and(|t| t.state() == TunnelState::Connected);
-        crate::status::prometheus(
-            up,
-            &tunnel.map(Tunnel::figures).unwrap_or_default(),
-            &self.shared.registry.snapshot(),
-            &self.counters().snapshot(),
-        )
-    }
 }
 
 /// A bound SOCKS5 server, ready to [`run`](Server::run).
 #[derive(Debug)]
 pub struct Server {
     listener: TcpListener,
-    shared: Arc<Shared>,
+    shared: Arc<Socks5>,
 }
 
 impl Server {
-    /// Binds the listener. Fails if the configuration would expose an unauthenticated proxy.
-    pub async fn bind(config: Config, policy: Policy) -> Result<Self, Error> {
+    /// Binds the listener, serving the sidecar whose state `state` is. Fails if the
+    /// configuration would expose an unauthenticated proxy.
+    pub async fn bind(config: Config, state: Handle) -> Result<Self, Error> {
         if config.passwords.is_none() && !config.listen.ip().to_canonical().is_loopback() {
             return Err(Error::Unauthenticated(config.listen));
         }
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| Error::Listen(config.listen, e))?;
-        let now = Instant::now();
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Socks5 {
             config,
-            policy: ArcSwap::from_pointee(PolicyVersion {
-                policy,
-                generation: 1,
-            }),
-            users: Mutex::new(HashMap::new()),
-            counters: Counters::default(),
-            block_log: Mutex::new(TokenBucket::new(20, now)),
-            source_log: Mutex::new(TokenBucket::new(20, now)),
+            state,
             owners: Mutex::new(HashMap::new()),
-            registry: Arc::new(crate::status::Registry::default()),
         });
         Ok(Self { listener, shared })
     }
@@ -333,13 +163,6 @@ impl Server {
     /// The address the server listens on.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
-    }
-
-    /// A handle for reloads and counters.
-    pub fn handle(&self) -> Handle {
-        Handle {
-            shared: self.shared.clone(),
-        }
     }
 
     /// Serves clients until `shutdown` is cancelled, then gives sessions the grace period.
@@ -480,14 +303,14 @@ async fn refuse(stream: &mut TcpStream, reply: Reply) -> SessionError {
 
 /// Greeting, login and request; returns who the client is and what it asked for.
 async fn handshake(
-    shared: &Shared,
+    server: &Socks5,
     stream: &mut TcpStream,
     peer: SocketAddr,
     uid: Option<u32>,
 ) -> Result<(User, Option<u32>, codec::Request), SessionError> {
     let mut buf = Vec::with_capacity(64);
     let methods = read_message(stream, &mut buf, codec::decode_greeting).await?;
-    let wanted = if shared.config.passwords.is_some() {
+    let wanted = if server.config.passwords.is_some() {
         Method::Password
     } else {
         Method::NoAuth
@@ -501,7 +324,7 @@ async fn handshake(
     stream.write_all(&codec::encode_method(wanted)).await?;
 
     let mut login = None;
-    if let Some(passwords) = &shared.config.passwords {
+    if let Some(passwords) = &server.config.passwords {
         let creds = read_message(stream, &mut buf, codec::decode_credentials).await?;
         let passwords = passwords.clone();
         let (user, pass) = (creds.username.clone(), creds.password);
@@ -546,75 +369,41 @@ async fn handshake(
     }
 }
 
-/// One session's hold on its user's session count; released on drop.
-pub(crate) struct SessionSlot<'a> {
-    shared: &'a Shared,
-    user: String,
-}
-
-impl Drop for SessionSlot<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut users) = self.shared.users.lock()
-            && let Some(state) = users.get_mut(&self.user)
-        {
-            state.sessions = state.sessions.saturating_sub(1);
-            if state.sessions == 0 {
-                users.remove(&self.user);
-            }
-        }
-    }
-}
-
-pub(crate) fn take_session_slot<'a>(
-    shared: &'a Shared,
-    user: &User,
-    max: u32,
-) -> Option<SessionSlot<'a>> {
-    let mut users = shared.users.lock().ok()?;
-    let limits = shared.policy.load().policy.limits(user);
-    let state = users
-        .entry(user.name().to_owned())
-        .or_insert_with(|| UserState {
-            sessions: 0,
-            packets: TokenBucket::new(limits.max_packets_per_second, Instant::now()),
-        });
-    if state.sessions >= max {
-        return None;
-    }
-    state.sessions += 1;
-    Some(SessionSlot {
-        shared,
-        user: user.name().to_owned(),
-    })
-}
-
 /// A session's set-up: handshake, login and request. A CONNECT runs to its end here; a UDP
 /// ASSOCIATE that was answered is returned, to run without the set-up's state.
 async fn serve<'a>(
-    shared: &'a Shared,
+    server: &'a Socks5,
     mut stream: TcpStream,
     peer: SocketAddr,
     uid: Option<u32>,
     shutdown: CancellationToken,
 ) -> Result<Option<UdpSession<'a>>, SessionError> {
     let _ = stream.set_nodelay(true);
-    let handshake = handshake(shared, &mut stream, peer, uid);
+    let handshake = handshake(server, &mut stream, peer, uid);
     let (user, uid, request) = tokio::select! {
         _ = shutdown.cancelled() => return Ok(None),
-        r = Box::pin(tokio::time::timeout(shared.config.handshake_timeout, handshake)) => {
+        r = Box::pin(tokio::time::timeout(server.config.handshake_timeout, handshake)) => {
             r.map_err(|_| SessionError::Timeout)??
         }
     };
-    let limits = shared.policy.load().policy.limits(&user);
-    let Some(slot) = take_session_slot(shared, &user, limits.max_associations) else {
+    let limits = server.state.shared.policy.load().policy.limits(&user);
+    let Some(slot) = server
+        .state
+        .shared
+        .take_session_slot(&user, limits.max_associations)
+    else {
         info!(user = %user, client = %peer, limit = limits.max_associations, "session refused: too many sessions");
         return Err(Box::pin(refuse(&mut stream, Reply::NotAllowed)).await);
     };
-    shared.counters.sessions.fetch_add(1, Ordering::Relaxed);
+    server
+        .state
+        .counters()
+        .sessions
+        .fetch_add(1, Ordering::Relaxed);
     match request.command {
         Command::Connect => {
             Box::pin(connect(
-                shared,
+                server,
                 stream,
                 peer,
                 &user,
@@ -625,8 +414,8 @@ async fn serve<'a>(
             Ok(None)
         }
         Command::UdpAssociate => {
-            let (control, relay) = associate(
-                shared,
+            let (control, client, pipeline) = associate(
+                server,
                 stream,
                 peer,
                 (user, uid),
@@ -635,11 +424,14 @@ async fn serve<'a>(
             )
             .await?;
             Ok(Some(UdpSession {
+                shared: &server.state.shared,
                 control,
                 peer,
-                relay,
+                client,
+                pipeline,
                 shutdown,
                 slot,
+                turn: 0,
             }))
         }
         Command::Bind => Err(Box::pin(refuse(&mut stream, Reply::CommandNotSupported)).await),
@@ -657,26 +449,6 @@ async fn resolve(address: &Address) -> Option<SocketAddr> {
     }
 }
 
-pub(crate) fn log_decision(
-    shared: &Shared,
-    user: &User,
-    client: SocketAddr,
-    target: SocketAddr,
-    decision: &Decision,
-) {
-    if decision.verdict == Verdict::Block {
-        let allowed = shared
-            .block_log
-            .lock()
-            .map(|mut b| b.take(Instant::now()))
-            .unwrap_or(false);
-        if !allowed {
-            return;
-        }
-    }
-    info!(user = %user, client = %client, target = %target, rule = %decision.rule, verdict = %decision.verdict, "decision");
-}
-
 fn connect_error_reply(e: &io::Error) -> Reply {
     match e.kind() {
         io::ErrorKind::ConnectionRefused => Reply::ConnectionRefused,
@@ -688,7 +460,7 @@ fn connect_error_reply(e: &io::Error) -> Reply {
 }
 
 async fn connect(
-    shared: &Shared,
+    server: &Socks5,
     mut stream: TcpStream,
     peer: SocketAddr,
     user: &User,
@@ -699,19 +471,24 @@ async fn connect(
         info!(user = %user, client = %peer, target = %address, "cannot resolve target");
         return Err(refuse(&mut stream, Reply::HostUnreachable).await);
     };
-    let decision = shared
+    let decision = server
+        .state
+        .shared
         .policy
         .load()
         .policy
         .decide(user, &Target::tcp(target));
-    log_decision(shared, user, peer, target, &decision);
+    server
+        .state
+        .shared
+        .log_decision(user, peer, target, &decision);
     match decision.verdict {
         Verdict::Block => return Err(refuse(&mut stream, Reply::NotAllowed).await),
-        Verdict::Relay => return connect_relayed(shared, stream, user, target, shutdown).await,
+        Verdict::Relay => return connect_relayed(server, stream, user, target, shutdown).await,
         Verdict::Direct => {}
     }
     let outbound =
-        match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(target)).await
+        match tokio::time::timeout(server.config.connect_timeout, TcpStream::connect(target)).await
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(refuse(&mut stream, connect_error_reply(&e)).await),
@@ -732,14 +509,14 @@ async fn connect(
 
 /// CONNECT whose verdict is `relay`: a classic CONNECT through the tunnel, never direct.
 async fn connect_relayed(
-    shared: &Shared,
+    server: &Socks5,
     mut stream: TcpStream,
     user: &User,
     target: SocketAddr,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
-    let Some(tunnel) = &shared.config.tunnel else {
-        shared.counters.drop(DropReason::RelayUnavailable);
+    let Some(tunnel) = server.state.tunnel() else {
+        server.state.counters().drop(DropReason::RelayUnavailable);
         return Err(refuse(&mut stream, Reply::NetworkUnreachable).await);
     };
     match tunnel.open_tcp(user.name(), target).await {
@@ -755,7 +532,7 @@ async fn connect_relayed(
             info!(user = %user, target = %target, error = %e, "relayed connect failed");
             let reply = match &e {
                 OpenError::NotConnected => {
-                    shared.counters.drop(DropReason::RelayUnavailable);
+                    server.state.counters().drop(DropReason::RelayUnavailable);
                     Reply::NetworkUnreachable
                 }
                 e if tunnel::is_prohibited(e) => Reply::NotAllowed,
@@ -768,35 +545,37 @@ async fn connect_relayed(
     }
 }
 
-use crate::HEADROOM;
-/// Datagrams handled per wake-up before yielding to other tasks.
-const BATCH: usize = 64;
-
-/// The sockets and state of one UDP association.
-struct Relay<'a> {
-    shared: &'a Shared,
-    user: User,
+/// The association's socket facing the client, and what the SOCKS5 UDP header needs.
+struct ClientSide {
+    socket: UdpSocket,
+    /// The socket is IPv6.
+    v6: bool,
+    /// The socket's address (the association's).
+    bound: SocketAddr,
     /// The control connection's uid, for a local client: its datagrams must come from a socket
     /// of this uid.
     uid: Option<u32>,
-    /// The association's UDP address (the client socket's).
-    bound: SocketAddr,
-    association: Association,
-    /// Shared with [`Relay::drain_client`]'s receive while it hands datagrams to `self`.
-    client_socket: Arc<UdpSocket>,
-    out_v4: Option<UdpSocket>,
-    out_v6: Option<UdpSocket>,
     /// Domain targets resolved once for the life of the association.
     names: HashMap<(String, u16), SocketAddr>,
     max_names: usize,
-    /// The association's bind on the relay: one public address for all its relayed peers.
-    binding: Binding,
-    /// The client-facing socket is IPv6.
-    v6: bool,
-    /// This association in the status registry.
-    live: crate::status::LiveSession,
-    /// Which socket [`poll_ready`] looks at first.
-    turn: usize,
+}
+
+/// Datagrams from peers reach the client with a SOCKS5 UDP header naming the peer.
+impl Front for ClientSide {
+    fn deliver(
+        &self,
+        fill: impl FnOnce(&mut dyn FnMut(SocketAddr, SocketAddr, &[u8]) -> Sent) -> Sent,
+    ) -> Sent {
+        crate::batch::send_batched(&self.socket, |batch| {
+            fill(&mut |peer, client, payload| {
+                let len = codec::datagram_header_len(peer) + payload.len();
+                batch.push(&self.socket, Some(client), len, |out| {
+                    codec::encode_datagram_header(out, peer);
+                    out.extend_from_slice(payload);
+                })
+            })
+        })
+    }
 }
 
 /// A datagram to a domain target whose name must be resolved first.
@@ -806,77 +585,17 @@ struct Unresolved {
     datagram: Vec<u8>,
 }
 
-fn outbound_socket(v6: bool) -> io::Result<UdpSocket> {
-    let socket = if v6 {
-        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None)?;
-        s.set_only_v6(true)?;
-        s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)).into())?;
-        s
-    } else {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
-        s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)).into())?;
-        s
-    };
-    socket.set_nonblocking(true)?;
-    crate::SocketBuffers::PerAssociation.apply(&socket);
-    UdpSocket::from_std(socket.into())
-}
-
-/// Sends at once, without waiting for the runtime to report the socket writable (a UDP socket
-/// almost always is; when its buffer is full the datagram is dropped, as the network would).
-pub(crate) fn send_now(socket: &UdpSocket, payload: &[u8], to: SocketAddr) -> io::Result<usize> {
-    socket2::SockRef::from(socket).send_to(payload, &to.into())
-}
-
-/// Which of an association's sockets has something to read.
-enum Ready {
-    /// The SOCKS5 control connection (data or its end).
-    Control,
-    /// The UDP socket facing the client.
-    Client,
-    /// An outbound socket (replies from `direct` targets).
-    Peers { v6: bool },
-}
-
-/// Waits for any of an association's sockets to be readable, without a future per socket
-/// (memory per idle association). Starts from a different socket each time (`turn`), so a
-/// flooded one cannot starve the others.
-fn poll_ready(
-    cx: &mut Context<'_>,
-    turn: &mut usize,
-    control: &TcpStream,
-    client: &UdpSocket,
-    out: [Option<&UdpSocket>; 2],
-) -> Poll<io::Result<Ready>> {
-    *turn = turn.wrapping_add(1);
-    for i in 0..4 {
-        let (ready, which) = match (*turn + i) % 4 {
-            0 => (control.poll_read_ready(cx), Ready::Control),
-            1 => (client.poll_recv_ready(cx), Ready::Client),
-            n => match out.get(n - 2).copied().flatten() {
-                Some(s) => (s.poll_recv_ready(cx), Ready::Peers { v6: n == 3 }),
-                None => continue,
-            },
-        };
-        if let Poll::Ready(r) = ready {
-            return Poll::Ready(r.map(|()| which));
-        }
-    }
-    Poll::Pending
-}
-
-impl Relay<'_> {
-    /// Handles datagrams waiting on the client socket, a burst per `recvmmsg`. Returns those
-    /// that need a name resolved first.
-    fn drain_client(&mut self) -> Vec<Unresolved> {
-        let socket = self.client_socket.clone();
+impl ClientSide {
+    /// Handles datagrams waiting on the client socket, a burst per `recvmmsg`, handing each to
+    /// `pipeline`. Returns those that need a name resolved first.
+    fn drain(&self, shared: &Shared, pipeline: &mut Pipeline<'_>) -> Vec<Unresolved> {
         let mut pending = Vec::new();
         for _ in 0..BATCH / 16 {
-            let received = crate::batch::recv_burst(&socket, self.v6, |from, slot, n| {
+            let received = crate::batch::recv_burst(&self.socket, self.v6, |from, slot, n| {
                 let datagram = slot
                     .get(crate::HEADROOM..crate::HEADROOM + n)
                     .unwrap_or_default();
-                pending.extend(self.client_datagram(from, datagram));
+                pending.extend(self.datagram(shared, pipeline, from, datagram));
             });
             if received.is_err() {
                 break;
@@ -885,9 +604,17 @@ impl Relay<'_> {
         pending
     }
 
-    fn client_datagram(&mut self, from: SocketAddr, datagram: &[u8]) -> Option<Unresolved> {
-        let counters = &self.shared.counters;
-        match self.association.admit_client(from) {
+    /// One datagram from the client side: admitted (the client's, or claimed for it), its
+    /// header parsed, its target resolved from the table or left for [`ClientSide::resolve`].
+    fn datagram(
+        &self,
+        shared: &Shared,
+        pipeline: &mut Pipeline<'_>,
+        from: SocketAddr,
+        datagram: &[u8],
+    ) -> Option<Unresolved> {
+        let counters = &shared.counters;
+        match pipeline.association().admit_client(from) {
             Ok(Admission::Client) => {}
             Ok(Admission::Unclaimed) => {
                 // A local client: the socket that sent must be its user's (every local user
@@ -901,12 +628,11 @@ impl Relay<'_> {
                     };
                     if let Some(reason) = refused {
                         counters.drop(reason);
-                        self.shared
-                            .log_refused_source(reason, from, self.user.name());
+                        shared.log_refused_source(reason, from, pipeline.user().name());
                         return None;
                     }
                 }
-                self.association.claim(from);
+                pipeline.association().claim(from);
             }
             Err(reason) => {
                 counters.drop(reason);
@@ -937,184 +663,13 @@ impl Relay<'_> {
                 }
             },
         };
-        self.forward(target, parsed.payload);
+        pipeline.send(target, parsed.payload);
         None
     }
 
-    /// Applies policy and limits to one payload for `target`, and sends it if allowed.
-    fn forward(&mut self, target: SocketAddr, payload: &[u8]) {
-        let shared = self.shared;
-        let policy = shared.policy.load();
-        let decision = match self
-            .association
-            .decide(target, payload, &policy, &self.user)
-        {
-            Ok(d) => d,
-            Err(reason) => {
-                shared.counters.drop(reason);
-                return;
-            }
-        };
-        if decision.changed {
-            let client = self.association.client().unwrap_or(target);
-            log_decision(shared, &self.user, client, target, &decision.decision);
-            self.live.flow(target, &decision.decision);
-        }
-        if decision.decision.verdict == Verdict::Block {
-            return shared.counters.drop(DropReason::Blocked);
-        }
-        if !self.take_packet_token(&policy) {
-            return shared.counters.drop(DropReason::RateLimit);
-        }
-        if decision.decision.verdict == Verdict::Relay {
-            return self.relay(target, payload, policy.generation);
-        }
-        let target = super::association::canonical(target);
-        let slot = if target.is_ipv4() {
-            &mut self.out_v4
-        } else {
-            &mut self.out_v6
-        };
-        if slot.is_none() {
-            match outbound_socket(target.is_ipv6()) {
-                Ok(s) => *slot = Some(s),
-                Err(e) => {
-                    warn!(user = %self.user, error = %e, "cannot open an outbound socket");
-                    return shared.counters.drop(DropReason::SendFailed);
-                }
-            }
-        }
-        let sent = slot.as_ref().map(|s| send_now(s, payload, target));
-        match sent {
-            Some(Ok(_)) => {
-                shared
-                    .counters
-                    .datagrams_out
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            _ => shared.counters.drop(DropReason::SendFailed),
-        }
-    }
-
-    /// Sends through the relay (or holds while a bind opens), or drops: never direct.
-    fn relay(&mut self, target: SocketAddr, payload: &[u8], generation: u64) {
-        let counters = &self.shared.counters;
-        let tunnel = self.shared.config.tunnel.as_ref();
-        match self
-            .binding
-            .send(tunnel, self.user.name(), target, payload, generation)
-        {
-            Ok(Sent::Now) => {
-                counters.relayed_out.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(Sent::Held) => {}
-            Err(reason) => counters.drop(reason),
-        }
-    }
-
-    /// Datagrams from relayed peers, `first` and whatever else has already arrived: to the
-    /// client, each if its peer is a `relay` flow, a burst of one size in one GSO send.
-    fn deliver_relayed(&mut self, first: (SocketAddr, bytes::Bytes)) {
-        let shared = self.shared;
-        let policy = shared.policy.load();
-        let sent = crate::batch::send_batched(&self.client_socket, |batch| {
-            let mut sent = crate::batch::Sent::default();
-            for (peer, payload) in crate::tunnel::burst(first, self.binding.bind_mut()) {
-                match self.association.admit_peer(
-                    peer,
-                    &payload,
-                    Verdict::Relay,
-                    &policy,
-                    &self.user,
-                ) {
-                    Ok(client) => {
-                        let len = codec::datagram_header_len(peer) + payload.len();
-                        sent += batch.push(&self.client_socket, Some(client), len, |out| {
-                            codec::encode_datagram_header(out, peer);
-                            out.extend_from_slice(&payload);
-                        });
-                    }
-                    Err(reason) => shared.counters.drop(reason),
-                }
-            }
-            sent
-        });
-        let c = &shared.counters;
-        c.relayed_in.fetch_add(sent.ok, Ordering::Relaxed);
-        c.drop_n(DropReason::SendFailed, sent.failed);
-    }
-
-    /// Asks for a bind if the association has none (see [`Binding::open`]).
-    fn open_bind(&mut self) {
-        self.binding
-            .open(self.shared.config.tunnel.as_ref(), self.user.name());
-    }
-
-    /// Delivers, counts and logs what happened to the association's bind.
-    fn on_bind_event(&mut self, client: SocketAddr, event: BindEvent) {
-        match event {
-            BindEvent::Datagram(first) => self.deliver_relayed(first),
-            other => other.record(&self.shared.counters, &self.user, client),
-        }
-    }
-
-    fn take_packet_token(&self, policy: &PolicyVersion) -> bool {
-        self.shared.take_packet_token(&self.user, policy)
-    }
-
-    /// Handles datagrams waiting on an outbound socket: replies from targets.
-    fn drain_peers(&mut self, v6: bool) {
-        let shared = self.shared;
-        crate::with_buffer(|buf| {
-            for _ in 0..BATCH {
-                let socket = if v6 {
-                    self.out_v6.as_ref()
-                } else {
-                    self.out_v4.as_ref()
-                };
-                let Some(socket) = socket else { return };
-                let Some(space) = buf.get_mut(HEADROOM..) else {
-                    return;
-                };
-                let (n, from) = match socket.try_recv_from(space) {
-                    Ok(received) => received,
-                    Err(_) => return,
-                };
-                let policy = shared.policy.load();
-                let client = match self.association.admit_peer(
-                    from,
-                    &[],
-                    Verdict::Direct,
-                    &policy,
-                    &self.user,
-                ) {
-                    Ok(client) => client,
-                    Err(reason) => {
-                        shared.counters.drop(reason);
-                        continue;
-                    }
-                };
-                let from = super::association::canonical(from);
-                let start = HEADROOM - codec::datagram_header_len(from);
-                let mut header = Vec::with_capacity(HEADROOM);
-                codec::encode_datagram_header(&mut header, from);
-                let Some(out) = buf.get_mut(start..HEADROOM + n) else {
-                    continue;
-                };
-                if let Some(head) = out.get_mut(..header.len()) {
-                    head.copy_from_slice(&header);
-                }
-                match send_now(&self.client_socket, out, client) {
-                    Ok(_) => {
-                        shared.counters.datagrams_in.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(_) => shared.counters.drop(DropReason::SendFailed),
-                }
-            }
-        });
-    }
-
-    async fn resolve_and_forward(&mut self, pending: Unresolved) {
+    /// Resolves a datagram's domain target (once per association, up to its flow limit) and
+    /// hands it to `pipeline`.
+    async fn resolve(&mut self, shared: &Shared, pipeline: &mut Pipeline<'_>, pending: Unresolved) {
         let key = (pending.name, pending.port);
         let resolved = if self.names.len() >= self.max_names {
             None
@@ -1122,43 +677,78 @@ impl Relay<'_> {
             resolve(&Address::Domain(key.0.clone(), key.1)).await
         };
         let Some(addr) = resolved else {
-            self.shared.counters.drop(DropReason::Unresolved);
+            shared.counters.drop(DropReason::Unresolved);
             return;
         };
         self.names.insert(key, addr);
         if let Ok(parsed) = codec::decode_datagram(&pending.datagram) {
-            self.forward(addr, parsed.payload);
+            pipeline.send(addr, parsed.payload);
         }
     }
 }
 
+/// What woke an association up.
+enum Ready {
+    /// The SOCKS5 control connection (data or its end).
+    Control,
+    /// The UDP socket facing the client.
+    Client,
+    /// The pipeline's return path.
+    Return(Return),
+}
+
+/// Waits for the control connection, the client socket or the pipeline's return path, without
+/// a future per socket (memory per idle association). Starts from a different one each time
+/// (`turn`), so a flooded one cannot starve the others.
+fn poll_ready(
+    cx: &mut Context<'_>,
+    turn: &mut usize,
+    control: &TcpStream,
+    client: &UdpSocket,
+    pipeline: &mut Pipeline<'_>,
+) -> Poll<io::Result<Ready>> {
+    *turn = turn.wrapping_add(1);
+    for i in 0..3 {
+        let ready = match (*turn + i) % 3 {
+            0 => control.poll_read_ready(cx).map_ok(|()| Ready::Control),
+            1 => client.poll_recv_ready(cx).map_ok(|()| Ready::Client),
+            _ => pipeline.poll_return(cx).map(|r| Ok(Ready::Return(r))),
+        };
+        if ready.is_ready() {
+            return ready;
+        }
+    }
+    Poll::Pending
+}
+
 /// A UDP ASSOCIATE's set-up: its client-facing socket, its relay bind, the reply. Returns the
-/// control connection and the association's state.
+/// control connection, the client side and the association's pipeline.
 async fn associate<'a>(
-    shared: &'a Shared,
+    server: &'a Socks5,
     mut control: TcpStream,
     peer: SocketAddr,
     (user, uid): (User, Option<u32>),
     declared: &Address,
     max_flows: u32,
-) -> Result<(TcpStream, Relay<'a>), SessionError> {
+) -> Result<(TcpStream, ClientSide, Pipeline<'a>), SessionError> {
+    let shared: &Shared = &server.state.shared;
     // The UDP socket faces the client, on the address the client reached us at.
     let local = control.local_addr()?;
-    let client_socket = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
+    let socket = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
         Ok(s) => {
             crate::SocketBuffers::PerAssociation.apply(&s);
             s
         }
         Err(_) => return Err(Box::pin(refuse(&mut control, Reply::GeneralFailure)).await),
     };
-    let bound = client_socket.local_addr()?;
+    let bound = socket.local_addr()?;
     // Open the relay bind before answering, so the app's first packets (STUN, usually) find it.
     let mut bind = None;
-    if let Some(tunnel) = &shared.config.tunnel
+    if let Some(tunnel) = server.state.tunnel()
         && tunnel.state() == TunnelState::Connected
     {
         match Box::pin(tokio::time::timeout(
-            crate::binding::OPEN_TIMEOUT,
+            crate::sidecar::binding::OPEN_TIMEOUT,
             tunnel.open_bind(user.name(), None),
         ))
         .await
@@ -1182,34 +772,31 @@ async fn associate<'a>(
         Address::Ip(a) => a.port(),
         Address::Domain(_, port) => *port,
     });
-    let relay = Relay {
-        shared,
-        user,
-        uid,
+    let client = ClientSide {
+        v6: bound.is_ipv6(),
+        socket,
         bound,
-        association,
-        client_socket: Arc::new(client_socket),
-        out_v4: None,
-        out_v6: None,
+        uid,
         names: HashMap::new(),
         max_names: usize::try_from(max_flows).unwrap_or(usize::MAX),
-        v6: bound.is_ipv6(),
-        live,
-        binding: Binding::new(bind, None),
-        turn: 0,
     };
-    Ok((control, relay))
+    let pipeline = Pipeline::new(shared, user, association, Binding::new(bind, None), live);
+    Ok((control, client, pipeline))
 }
 
 /// An answered UDP ASSOCIATE: what its loop needs, and nothing of its set-up.
 struct UdpSession<'a> {
+    shared: &'a Shared,
     control: TcpStream,
     peer: SocketAddr,
-    relay: Relay<'a>,
+    client: ClientSide,
+    pipeline: Pipeline<'a>,
     shutdown: CancellationToken,
     /// The session's place in its user's count (and its packet-rate bucket): held until the
     /// loop ends.
     slot: SessionSlot<'a>,
+    /// Which source [`poll_ready`] looks at first.
+    turn: usize,
 }
 
 impl<'a> UdpSession<'a> {
@@ -1219,12 +806,12 @@ impl<'a> UdpSession<'a> {
     #[allow(clippy::manual_async_fn)]
     fn run(mut self) -> impl Future<Output = Result<(), SessionError>> + 'a {
         async move {
-            self.relay.open_bind();
+            self.pipeline.open_bind();
             loop {
                 tokio::select! {
                     biased;
                     _ = self.shutdown.cancelled() => break,
-                    r = std::future::poll_fn(|cx| poll_ready(cx, &mut self.relay.turn, &self.control, &self.relay.client_socket, [self.relay.out_v4.as_ref(), self.relay.out_v6.as_ref()])) => match r? {
+                    r = std::future::poll_fn(|cx| poll_ready(cx, &mut self.turn, &self.control, &self.client.socket, &mut self.pipeline)) => match r? {
                         // RFC 1928 §7: the association ends when its TCP connection does.
                         Ready::Control => match self.control.try_read(&mut [0u8; 64]) {
                             Ok(0) => break,
@@ -1232,17 +819,18 @@ impl<'a> UdpSession<'a> {
                             _ => {}
                         },
                         Ready::Client => {
-                            for pending in self.relay.drain_client() {
-                                Box::pin(self.relay.resolve_and_forward(pending)).await;
+                            for pending in self.client.drain(self.shared, &mut self.pipeline) {
+                                Box::pin(self.client.resolve(self.shared, &mut self.pipeline, pending)).await;
                             }
                         }
-                        Ready::Peers { v6 } => self.relay.drain_peers(v6),
+                        Ready::Return(returned) => {
+                            self.pipeline.deliver(returned, &self.client, self.peer);
+                        }
                     },
-                    event = self.relay.binding.event(&self.relay.shared.policy) => self.relay.on_bind_event(self.peer, event),
                 }
-                self.relay.open_bind();
+                self.pipeline.open_bind();
             }
-            info!(user = %self.relay.user, client = %self.peer, flows = self.relay.association.flow_count(), "udp association closed");
+            info!(user = %self.pipeline.user(), client = %self.peer, flows = self.pipeline.flow_count(), "udp association closed");
             // Named so the loop's future owns it: an `async move` block captures only the
             // fields of `self` it uses.
             drop(self.slot);

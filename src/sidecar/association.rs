@@ -1,4 +1,5 @@
-//! One UDP ASSOCIATE session as a state machine, sans IO (RFC 1928 §7).
+//! One app socket's flows as a state machine, sans IO: a SOCKS5 UDP association (RFC 1928 §7)
+//! or an intercepted app socket.
 //!
 //! The shell owns the sockets; it hands every datagram to an [`Association`] and does what comes
 //! back. The rules enforced here:
@@ -13,94 +14,11 @@
 //!   packet) and again whenever the policy changes; the flow table is bounded;
 //! - replies are admitted only from destinations that are `direct` flows of this association.
 
-use crate::policy::{Decision, Policy, Target, User, Verdict};
+use super::state::{DropReason, PolicyVersion};
+use crate::policy::{Decision, Target, User, Verdict};
 use crate::traffic::TrafficClass;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-
-/// Why a datagram was dropped; each has a counter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DropReason {
-    /// From an address other than the association's client.
-    ForeignSource,
-    /// FRAG ≠ 0.
-    Fragmented,
-    /// Not a valid SOCKS5 UDP datagram.
-    Malformed,
-    /// The policy blocks the flow.
-    Blocked,
-    /// The policy says `relay`, and no tunnel is available.
-    RelayUnavailable,
-    /// The association already has as many flows as its limit allows.
-    FlowLimit,
-    /// The user's packet rate is exceeded.
-    RateLimit,
-    /// A domain target that could not be resolved.
-    Unresolved,
-    /// A datagram from a peer that is not a direct flow of the association.
-    UnknownPeer,
-    /// The socket could not take the datagram (buffer full, or an error).
-    SendFailed,
-    /// Too large for a QUIC DATAGRAM frame, with the bind's request stream already holding as
-    /// many DATAGRAM capsules as it may.
-    TooLarge,
-    /// The sending socket belongs to another user than the association's.
-    ForeignOwner,
-    /// No socket sends from that address (a raw socket's forgery).
-    NoSocket,
-}
-
-impl DropReason {
-    /// Every reason, in counter order.
-    pub const ALL: [Self; 13] = [
-        Self::ForeignSource,
-        Self::Fragmented,
-        Self::Malformed,
-        Self::Blocked,
-        Self::RelayUnavailable,
-        Self::FlowLimit,
-        Self::RateLimit,
-        Self::Unresolved,
-        Self::UnknownPeer,
-        Self::SendFailed,
-        Self::TooLarge,
-        Self::ForeignOwner,
-        Self::NoSocket,
-    ];
-
-    /// A stable name for logs and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::ForeignSource => "foreign_source",
-            Self::Fragmented => "fragmented",
-            Self::Malformed => "malformed",
-            Self::Blocked => "blocked",
-            Self::RelayUnavailable => "relay_unavailable",
-            Self::FlowLimit => "flow_limit",
-            Self::RateLimit => "rate_limit",
-            Self::Unresolved => "unresolved",
-            Self::UnknownPeer => "unknown_peer",
-            Self::SendFailed => "send_failed",
-            Self::TooLarge => "too_large",
-            Self::ForeignOwner => "foreign_owner",
-            Self::NoSocket => "no_socket",
-        }
-    }
-
-    /// Index into a counter array.
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
-
-/// A policy together with its generation number, which changes on every reload.
-#[derive(Debug)]
-pub struct PolicyVersion {
-    /// The policy.
-    pub policy: Policy,
-    /// Increases by one with each successful reload.
-    pub generation: u64,
-}
 
 /// A destination of the association and how it was decided.
 #[derive(Debug, Clone)]
@@ -127,6 +45,29 @@ pub struct FlowDecision {
     pub decision: Decision,
     /// True if the flow is new or its verdict just changed: worth a log line.
     pub changed: bool,
+}
+
+/// Which way one datagram from the client goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Nowhere, counted under this reason.
+    Drop(DropReason),
+    /// From the host, to this (canonical) target.
+    Direct(SocketAddr),
+    /// Through the relay, decided under this policy generation.
+    Relay {
+        /// The generation of the policy that decided it.
+        generation: u64,
+    },
+}
+
+/// What [`Association::route`] says about one datagram.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// Which way it goes.
+    pub route: Route,
+    /// The flow's decision, if it is new or its verdict changed: to be logged and shown.
+    pub log: Option<Decision>,
 }
 
 /// The state of one UDP association.
@@ -268,6 +209,41 @@ impl Association {
             Ok(client)
         } else {
             Err(DropReason::UnknownPeer)
+        }
+    }
+
+    /// The pipeline's step for one datagram from the client to `target`: decide the flow (a
+    /// new or changed decision is returned to be logged), drop it if blocked, charge the
+    /// user's packet rate (`rate`, asked only for a datagram that may leave), and say which
+    /// way it goes. `relay` is never turned into direct: fail closed.
+    pub fn route(
+        &mut self,
+        target: SocketAddr,
+        payload: &[u8],
+        policy: &PolicyVersion,
+        user: &User,
+        rate: impl FnOnce() -> bool,
+    ) -> Step {
+        let decided = match self.decide(target, payload, policy, user) {
+            Ok(d) => d,
+            Err(reason) => {
+                return Step {
+                    route: Route::Drop(reason),
+                    log: None,
+                };
+            }
+        };
+        let route = match decided.decision.verdict {
+            Verdict::Block => Route::Drop(DropReason::Blocked),
+            _ if !rate() => Route::Drop(DropReason::RateLimit),
+            Verdict::Relay => Route::Relay {
+                generation: policy.generation,
+            },
+            Verdict::Direct => Route::Direct(canonical(target)),
+        };
+        Step {
+            route,
+            log: decided.changed.then_some(decided.decision),
         }
     }
 
@@ -457,5 +433,54 @@ mod tests {
         a.decide(addr("10.3.3.3:9"), b"x", &p, &user)
             .expect("decided");
         assert_eq!(a.flow_count(), 2);
+    }
+
+    #[test]
+    fn route_logs_new_decisions_once_charges_the_rate_only_for_what_may_leave() {
+        let user = User::new("u", []);
+        let p = version(
+            &format!(
+                "{LAN_RELAY}[[rule]]\nname = \"home\"\nverdict = \"direct\"\nnetworks = [\"192.168.0.0/16\"]\n"
+            ),
+            7,
+        );
+        let mut a = Association::new("127.0.0.1".parse().expect("ip"), 3);
+        let never = || -> bool { panic!("a blocked datagram must not be charged") };
+        let blocked = a.route(addr("8.8.8.8:9"), b"x", &p, &user, never);
+        assert_eq!(blocked.route, Route::Drop(DropReason::Blocked));
+        assert_eq!(blocked.log.map(|d| d.verdict), Some(Verdict::Block));
+        let again = a.route(addr("8.8.8.8:9"), b"x", &p, &user, never);
+        assert_eq!(
+            (again.route, again.log),
+            (Route::Drop(DropReason::Blocked), None)
+        );
+
+        let relayed = a.route(addr("10.1.1.1:9"), b"x", &p, &user, || true);
+        assert_eq!(relayed.route, Route::Relay { generation: 7 });
+        assert!(relayed.log.is_some());
+        // Over the rate: dropped, but the new decision is still logged.
+        let limited = a.route(addr("[::ffff:192.168.1.1]:9"), b"x", &p, &user, || false);
+        assert_eq!(limited.route, Route::Drop(DropReason::RateLimit));
+        assert_eq!(limited.log.map(|d| d.verdict), Some(Verdict::Direct));
+        let direct = a.route(addr("192.168.1.1:9"), b"x", &p, &user, || true);
+        assert_eq!(
+            (direct.route, direct.log),
+            (Route::Direct(addr("192.168.1.1:9")), None),
+            "the same flow, the target canonical"
+        );
+        // The flow table is full (3): a fourth target is dropped, nothing to log, not charged.
+        let full = a.route(addr("10.9.9.9:9"), b"x", &p, &user, never);
+        assert_eq!(
+            (full.route, full.log),
+            (Route::Drop(DropReason::FlowLimit), None)
+        );
+        // A reload that turns the relayed flow direct: logged as a change.
+        let p2 = version(
+            "fallback = \"block\"\n[[rule]]\nname = \"lan\"\nverdict = \"direct\"\nnetworks = [\"10.0.0.0/8\"]\n",
+            8,
+        );
+        let changed = a.route(addr("10.1.1.1:9"), b"x", &p2, &user, || true);
+        assert_eq!(changed.route, Route::Direct(addr("10.1.1.1:9")));
+        assert_eq!(changed.log.map(|d| d.verdict), Some(Verdict::Direct));
     }
 }
