@@ -12,6 +12,7 @@ pub mod notify;
 pub mod pki;
 mod platform;
 pub mod policy;
+mod pump;
 pub mod rate;
 pub mod relay;
 pub(crate) mod reuseport;

@@ -318,6 +318,49 @@ pub fn decode_capsule(buf: &[u8]) -> Result<Option<(Capsule, usize)>, Error> {
     Ok(Some((capsule, a + b + len)))
 }
 
+/// Why a [`CapsuleReader`] stopped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError<E> {
+    /// The stream broke the capsule format.
+    #[error("{0}")]
+    Malformed(Error),
+    /// The handler refused a capsule.
+    #[error("{0}")]
+    Handler(E),
+}
+
+/// The capsules of a request stream, sans IO, for both ends: bytes in as they arrive, each
+/// whole capsule out in order; a capsule cut short waits for the rest. Once a large capsule
+/// has passed, an idle reader gives its memory back (an idle bind holds no buffer).
+#[derive(Debug, Default)]
+pub struct CapsuleReader {
+    buf: Vec<u8>,
+}
+
+impl CapsuleReader {
+    /// Appends `data` and hands `each` every capsule now complete. Stops at a malformed
+    /// capsule or at the first error of `each`; the stream is not to be read further then.
+    pub fn read<E>(
+        &mut self,
+        data: impl bytes::Buf,
+        mut each: impl FnMut(Capsule) -> Result<(), E>,
+    ) -> Result<(), ReadError<E>> {
+        bytes::BufMut::put(&mut self.buf, data);
+        let mut used = 0;
+        while let Some((capsule, n)) = decode_capsule(self.buf.get(used..).unwrap_or_default())
+            .map_err(ReadError::Malformed)?
+        {
+            used += n;
+            each(capsule).map_err(ReadError::Handler)?;
+        }
+        self.buf.drain(..used);
+        if self.buf.is_empty() && self.buf.capacity() > 4096 {
+            self.buf = Vec::new();
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -502,5 +545,53 @@ mod tests {
                 prop_assert!(used <= bytes.len());
             }
         }
+    }
+
+    #[test]
+    fn a_capsule_reader_hands_out_whole_capsules_across_reads_and_stops_at_errors() {
+        let mut stream = Vec::new();
+        Capsule::CompressionAck { context_id: 2 }.encode(&mut stream);
+        Capsule::Datagram(vec![9; 5_000]).encode(&mut stream);
+        Capsule::CompressionClose { context_id: 2 }.encode(&mut stream);
+        let mut reader = CapsuleReader::default();
+        let mut seen = Vec::new();
+        // One byte at a time: each capsule comes out once, whole, in order.
+        for b in &stream {
+            reader
+                .read(&[*b][..], |c| {
+                    seen.push(c);
+                    Ok::<(), ()>(())
+                })
+                .expect("valid");
+        }
+        assert_eq!(
+            seen,
+            vec![
+                Capsule::CompressionAck { context_id: 2 },
+                Capsule::Datagram(vec![9; 5_000]),
+                Capsule::CompressionClose { context_id: 2 },
+            ]
+        );
+        assert!(
+            reader.buf.capacity() < 4096,
+            "the large capsule's memory is given back"
+        );
+        // All at once, with a handler that refuses the second: the third is not handed out.
+        let mut count = 0;
+        let refused = reader.read(&stream[..], |_| {
+            count += 1;
+            if count == 2 { Err("no") } else { Ok(()) }
+        });
+        assert_eq!((refused, count), (Err(ReadError::Handler("no")), 2));
+        // A malformed capsule: a zero context in an ACK.
+        let mut bad = CapsuleReader::default();
+        let mut zero = Vec::new();
+        write_varint(&mut zero, CAPSULE_COMPRESSION_ACK);
+        write_varint(&mut zero, 1);
+        zero.push(0);
+        assert_eq!(
+            bad.read(&zero[..], |_| Ok::<(), ()>(())),
+            Err(ReadError::Malformed(Error::ZeroContext))
+        );
     }
 }
