@@ -21,18 +21,15 @@
 //! `BENCH_PROFILE=FILE` also records a `perf` call graph of the two daemons during the CPU phase
 //! (the transparent path's into FILE.transparent).
 
-#[allow(dead_code, unreachable_pub)]
-#[path = "../tests/support/dante.rs"]
-mod dante;
-#[allow(dead_code, unreachable_pub)] // the benchmark uses the topology, not the captures
-#[path = "../tests/support/netns.rs"]
-mod netns;
 #[path = "datapath/scale.rs"]
 mod scale;
 #[path = "datapath/shadowsocks.rs"]
 mod shadowsocks;
 #[path = "datapath/shape.rs"]
 mod shape;
+// The integration tests' fixtures: daemons, the topology, Dante.
+#[path = "../tests/support/mod.rs"]
+mod support;
 #[path = "datapath/transparent.rs"]
 mod transparent;
 
@@ -42,6 +39,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use support::{Daemon, dante, netns};
 
 /// A short smoke run: with `BENCH_QUICK`, or when run as a test (`cargo test --all-targets`
 /// runs this without `--bench`), so the test command checks that the benchmark still works.
@@ -303,58 +301,17 @@ fn proc_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A veil daemon process, killed on drop.
-struct Daemon(Child);
+/// What the daemons log during a benchmark: enough to see a problem, not a line per flow.
+const BENCH_LOG: &str = "warn,veil=info";
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `veil ARGS` (inside network namespace `ns` if given) and waits for the log line with
-/// `marker`; returns the daemon and the address in that line's `listen=`.
-fn spawn(ns: Option<&str>, args: &[&str], marker: &str) -> (Daemon, SocketAddr) {
-    use std::io::BufRead;
-    let mut command = match ns {
-        // nsenter, not `ip netns exec`, which would remount /sys and hide the cgroup hierarchy.
-        Some(ns) => {
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net=/run/netns/{ns}"))
-                .arg(env!("CARGO_BIN_EXE_veil"));
-            c
-        }
-        None => Command::new(env!("CARGO_BIN_EXE_veil")),
-    };
-    let mut child = command
-        .args(args)
-        .env("VEIL_LOG", "warn,veil=info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn veil");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let marker = marker.to_owned();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.contains(&marker)
-                && let Some(a) = line.split("listen=").nth(1)
-            {
-                let _ = tx.send(a.split_whitespace().next().unwrap_or("").to_owned());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("daemon ready")
-        .parse()
-        .expect("addr");
-    (Daemon(child), addr)
+/// Starts `veil ARGS` (inside network namespace `ns` if given) and waits for its ready line;
+/// returns the daemon and the address it listens on.
+fn spawn(ns: Option<&str>, args: &[&str]) -> (Daemon, SocketAddr) {
+    let mut cmd = support::veil_in(ns);
+    cmd.args(args);
+    let daemon = Daemon::spawn_logging(cmd, BENCH_LOG);
+    let addr = daemon.addr;
+    (daemon, addr)
 }
 
 struct Veil {
@@ -377,7 +334,7 @@ fn start_relay(ns: Option<&str>, pki: &Path, name: &str, extra: &str) -> (Daemon
     )
     .expect("relay config");
     let config = config.display().to_string();
-    spawn(ns, &["relay", "--config", &config], "relay ready")
+    spawn(ns, &["relay", "--config", &config])
 }
 
 /// Writes a relay-everything policy in `dir/NAME-policies` and `pki/NAME.toml` for a sidecar
@@ -405,7 +362,7 @@ fn start_sidecar(
     )
     .expect("sidecar config");
     let config = config.display().to_string();
-    spawn(ns, &["sidecar", "--config", &config], "sidecar ready")
+    spawn(ns, &["sidecar", "--config", &config])
 }
 
 fn start_veil(dir: &Path) -> Veil {
@@ -693,7 +650,7 @@ fn main() {
     if let Ok(steps) = std::env::var("BENCH_CALLS") {
         let dir = tempfile::tempdir().expect("tempdir");
         let veil = start_veil(dir.path());
-        let pids = [veil.sidecar.0.id(), veil.relay.0.id()];
+        let pids = [veil.sidecar.pid(), veil.relay.pid()];
         let profile = profile_start(&pids, ".calls");
         let results: Vec<scale::Outcome> = steps
             .split(',')
@@ -826,7 +783,7 @@ fn main() {
         return;
     }
     phase("veil started", t0);
-    let pids = [veil.sidecar.0.id(), veil.relay.0.id()];
+    let pids = [veil.sidecar.pid(), veil.relay.pid()];
     let rtt = round_trips(socks.as_ref(), 200, pings);
     phase("veil round trips", t0);
     let cap = capacity(socks.clone(), 1200);
@@ -864,7 +821,7 @@ fn main() {
             let app = t.app();
             let rtt = round_trips(app.as_ref(), 200, pings);
             let cap = capacity(app.clone(), 1200);
-            let pids = [t.sidecar.0.id(), t.relay.0.id()];
+            let pids = [t.sidecar.pid(), t.relay.pid()];
             let profile = profile_start(&pids, ".transparent");
             let cpu = cpu_per_packet(app, &|| pids.iter().map(|p| proc_cpu_seconds(*p)).collect());
             profile_stop(profile);

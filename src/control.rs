@@ -4,7 +4,7 @@
 //! root (checked again with the peer's credentials). One request per connection: the word
 //! `status`; the answer is the report text.
 
-use crate::sidecar::state::Handle;
+use crate::datapath::state::Handle;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;

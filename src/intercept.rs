@@ -9,12 +9,12 @@
 //! its peer, never veil.
 
 use crate::batch::Sent;
+use crate::datapath::association::Association;
+use crate::datapath::binding::Binding;
+use crate::datapath::pipeline::{Delivered, Front, Pipeline};
+use crate::datapath::state::{DropReason, Handle, Shared};
 use crate::identity;
 use crate::policy::User;
-use crate::sidecar::association::Association;
-use crate::sidecar::binding::Binding;
-use crate::sidecar::pipeline::{Delivered, Front, Pipeline};
-use crate::sidecar::state::{DropReason, Handle, Shared};
 use bytes::Bytes;
 use nix::sys::socket::{setsockopt, sockopt};
 use std::collections::HashMap;

@@ -1,9 +1,40 @@
-//! veil: a policy-enforcing UDP privacy sidecar for calling apps.
+//! veil: a policy-enforcing UDP privacy sidecar for calling apps, and the relay it tunnels to.
 //!
-//! The library holds all logic; `src/main.rs` is a thin command-line shell around it.
+//! The library holds all logic; `src/main.rs` is a thin command-line shell around it. Sans-IO
+//! cores (bytes and `now` in, decisions out) sit under thin tokio shells.
+//!
+//! # Crate map
+//!
+//! The sidecar (one machine's calls):
+//! - [`sidecar`]: [`sidecar::Sidecar`] (bind, run, reload, status), which puts the rest
+//!   together; [`sidecar::managed`] (who is intercepted), [`sidecar::config`] (`sidecar.toml`).
+//! - [`datapath`]: what every front-end shares: [`datapath::state`] (counters, drop reasons,
+//!   policy generation, session slots), [`datapath::association`] (one app socket's flows;
+//!   the sans-IO routing step), `datapath::pipeline` (the datagram pipeline of one app
+//!   socket), `datapath::binding` (its relay bind, held while it opens).
+//! - Front-ends, which only receive from and deliver to apps: [`socks5`] (RFC 1928/1929:
+//!   codec, password file, server) and [`intercept`] (TPROXY: one task per app socket).
+//! - [`tunnel`]: the QUIC connection to the relay, its binds and TCP requests.
+//! - [`policy`]: per-user policy files, loaded and decided; [`traffic`] classifies a flow's
+//!   first packet.
+//! - [`firewall`]: the kernel kill switch (nftables, policy routing, the eBPF egress lock) and
+//!   its guard.
+//! - [`control`] (`veil status`, metrics), [`status`] (their text), [`notify`] (systemd),
+//!   [`identity`] (who owns a socket: sock_diag).
+//!
+//! The relay:
+//! - [`relay`]: shards, connections, requests, binds, TCP, quotas, permissions, egress.
+//! - [`masque`]: MASQUE's wire formats and per-request context tables, sans IO.
+//!
+//! Shared:
+//! - [`pki`]: certificates and TLS configurations; [`rate`]: the token bucket.
+//! - `batch` (recvmmsg / GSO sends), `pump` (TCP over a request stream), `reuseport`
+//!   (steering QUIC packets to shards), `platform` (the one module with `unsafe`: bpf(2),
+//!   socket options).
 
 pub(crate) mod batch;
 pub mod control;
+pub mod datapath;
 pub mod firewall;
 pub mod identity;
 pub mod intercept;

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 use support::netns::{Capture, Topology};
+use support::sip::{Baresip, SIP_SERVER, SipServer};
 use support::{Pki, Sidecar, spawn_relay};
 
 const ALICE: &str = "192.0.2.10";
@@ -247,11 +248,7 @@ impl Outcome {
     }
 }
 
-fn now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
+use support::unix_now as now;
 
 fn outcome(child: Child) -> Outcome {
     let out = child.wait_with_output().expect("peer");
@@ -434,53 +431,153 @@ fn tunnel_excerpt(s: Option<&Sidecar>) -> String {
         .join("\n")
 }
 
-/// Faults during a call, each in the same oracle: what leaves, whether the call survives, and
-/// how long until media flows again.
-#[test]
-fn faults_during_a_call() {
-    let _ = call_python();
-    let _serial = one_at_a_time();
-    let t = topology();
-    let pki = Pki::generate(RELAY_IP);
-    let relay_config = pki.relay_config("relay.toml", RELAY, "allow = [\"203.0.113.128/25\"]\n");
-    let mut relay = Some(spawn_relay(Some(&t.ns("l")), &relay_config));
-    let _stun = Stun::start(&t);
-    let mut alice = Some(sidecar(&t, "a", &pki));
-    let bob = sidecar(&t, "b", &pki);
-    let leak_filter = leak_filter();
-    let mut report = Vec::new();
+/// A fault injected into a running call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    RelayBlackholed,
+    BadPolicyReloaded,
+    RelayRestarted,
+    SidecarRestarted,
+    StricterPolicyReloaded,
+}
 
-    let scenarios = [
-        "relay blackholed 10 s",
-        "bad policy reloaded",
-        "relay killed and restarted",
-        "alice's sidecar killed and restarted",
-        "stricter policy reloaded (bob's relay address blocked)",
+impl Fault {
+    const ALL: [Self; 5] = [
+        Self::RelayBlackholed,
+        Self::BadPolicyReloaded,
+        Self::RelayRestarted,
+        Self::SidecarRestarted,
+        Self::StricterPolicyReloaded,
     ];
-    for scenario in scenarios {
-        let leaks = Capture::start_all(&t, "r", &leak_filter);
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::RelayBlackholed => "relay blackholed 10 s",
+            Self::BadPolicyReloaded => "bad policy reloaded",
+            Self::RelayRestarted => "relay killed and restarted",
+            Self::SidecarRestarted => "alice's sidecar killed and restarted",
+            Self::StricterPolicyReloaded => {
+                "stricter policy reloaded (bob's relay address blocked)"
+            }
+        }
+    }
+
+    /// Whether the call must come through it; a stricter policy is meant to stop it.
+    fn survives(self) -> bool {
+        self != Self::StricterPolicyReloaded
+    }
+}
+
+/// What the faults act on: the relay and the two sidecars of one topology.
+struct Stage<'a> {
+    t: &'a Topology,
+    pki: &'a Pki,
+    relay_config: PathBuf,
+    relay: Option<support::Daemon>,
+    alice: Option<Sidecar>,
+    bob: Sidecar,
+}
+
+const OPEN_POLICY: &str = "fallback = \"relay\"\n";
+
+impl Stage<'_> {
+    fn alice(&self) -> Result<&Sidecar, String> {
+        self.alice
+            .as_ref()
+            .ok_or_else(|| "alice's sidecar is gone".to_owned())
+    }
+
+    /// Writes alice's policy and reloads it; waits for the log line `expect`.
+    fn reload_alice(&self, policy: &str, expect: &str) -> Result<(), String> {
+        let s = self.alice()?;
+        std::fs::write(s.policy_path().join("default.toml"), policy).map_err(|e| e.to_string())?;
+        s.hangup();
+        match s.wait_log(&[expect], Duration::from_secs(3)) {
+            Some(_) => Ok(()),
+            None => Err(format!("alice's sidecar did not log {expect:?}")),
+        }
+    }
+
+    fn inject(&mut self, fault: Fault) -> Result<(), String> {
+        let t = self.t;
+        match fault {
+            Fault::RelayBlackholed => {
+                let iface = t.iface("l");
+                let link = |state: &str| {
+                    t.command("l", "ip")
+                        .args(["link", "set", &iface, state])
+                        .status()
+                        .map_err(|e| e.to_string())?
+                        .success()
+                        .then_some(())
+                        .ok_or_else(|| format!("ip link set {state} failed"))
+                };
+                link("down")?;
+                std::thread::sleep(Duration::from_secs(10));
+                link("up")?;
+                let _ = t
+                    .command("l", "ip")
+                    .args(["route", "replace", "default", "via", "203.0.113.1"])
+                    .status();
+            }
+            Fault::BadPolicyReloaded => {
+                self.reload_alice("fallback = 7\n", "policy reload refused")?;
+                // Put the good file back (not reloaded: the running policy never changed).
+                let s = self.alice()?;
+                std::fs::write(s.policy_path().join("default.toml"), OPEN_POLICY)
+                    .map_err(|e| e.to_string())?;
+            }
+            Fault::RelayRestarted => {
+                if let Some(r) = self.relay.take() {
+                    r.kill();
+                }
+                std::thread::sleep(Duration::from_secs(2));
+                self.relay = Some(spawn_relay(Some(&t.ns("l")), &self.relay_config));
+            }
+            Fault::SidecarRestarted => {
+                if let Some(s) = self.alice.take() {
+                    s.daemon_kill();
+                }
+                std::thread::sleep(Duration::from_secs(1));
+                self.alice = Some(sidecar(t, "a", self.pki));
+            }
+            Fault::StricterPolicyReloaded => self.reload_alice(
+                "fallback = \"relay\"\n[[rule]]\nname = \"no-bob\"\nverdict = \"block\"\nnetworks = [\"203.0.113.0/25\"]\ntransport = [\"udp\"]\n",
+                "policy reloaded",
+            )?,
+        }
+        Ok(())
+    }
+
+    /// Puts back what `fault` left changed, for the faults after it.
+    fn restore(&mut self, fault: Fault) {
+        if fault == Fault::StricterPolicyReloaded {
+            let _ = self.reload_alice(OPEN_POLICY, "policy reloaded");
+        }
+    }
+
+    /// Both sidecars' logs about the peers' sockets, their binds and the tunnel.
+    fn excerpts(&self) -> String {
+        format!(
+            "alice's sidecar:\n{}\nbob's sidecar:\n{}",
+            tunnel_excerpt(self.alice.as_ref()),
+            tunnel_excerpt(Some(&self.bob))
+        )
+    }
+
+    /// One call through `fault`: the leak oracle, whether the call survived as it should, and
+    /// how long until media flowed again. Returns the report's line.
+    fn call_through(&mut self, fault: Fault, leak_filter: &str) -> Result<String, String> {
+        let t = self.t;
+        let scenario = fault.name();
+        let leaks = Capture::start_all(t, "r", leak_filter);
         let signal = open_dir();
         // Calls meant to survive run long enough to show media after a 10 s outage (QUIC's
         // probe backoff can hold the first packets back a few seconds); the others end early.
-        let survives = matches!(
-            scenario,
-            "relay blackholed 10 s"
-                | "bad policy reloaded"
-                | "relay killed and restarted"
-                | "alice's sidecar killed and restarted"
-        );
-        let (seconds, frame_timeout) = if survives { (28, 20) } else { (10, 6) };
-        let offer = peer_with(
-            &t,
-            "a",
-            "offer",
-            signal.path(),
-            seconds,
-            frame_timeout,
-            true,
-        );
+        let (seconds, frame_timeout) = if fault.survives() { (28, 20) } else { (10, 6) };
+        let offer = peer_with(t, "a", "offer", signal.path(), seconds, frame_timeout, true);
         let answer = peer_with(
-            &t,
+            t,
             "b",
             "answer",
             signal.path(),
@@ -499,88 +596,27 @@ fn faults_during_a_call() {
         }
         if !(connected("offer") && connected("answer")) {
             let (a, b) = (outcome(offer), outcome(answer));
-            panic!(
-                "{scenario}: the call did not set up before the fault\n{a:?}\n{b:?}\nalice's sidecar:\n{}\nbob's sidecar:\n{}",
-                tunnel_excerpt(alice.as_ref()),
-                tunnel_excerpt(Some(&bob))
-            );
+            return Err(format!(
+                "the call did not set up before the fault\n{a:?}\n{b:?}\n{}",
+                self.excerpts()
+            ));
         }
         std::thread::sleep(Duration::from_secs(2));
         let fault_at = now();
-        match scenario {
-            "relay blackholed 10 s" => {
-                let iface = t.iface("l");
-                let down = t
-                    .command("l", "ip")
-                    .args(["link", "set", &iface, "down"])
-                    .status()
-                    .expect("ip");
-                assert!(down.success());
-                std::thread::sleep(Duration::from_secs(10));
-                let up = t
-                    .command("l", "ip")
-                    .args(["link", "set", &iface, "up"])
-                    .status()
-                    .expect("ip");
-                assert!(up.success());
-                let _ = t
-                    .command("l", "ip")
-                    .args(["route", "replace", "default", "via", "203.0.113.1"])
-                    .status();
-            }
-            "bad policy reloaded" => {
-                let s = alice.as_ref().expect("alice");
-                std::fs::write(s.policy_path().join("default.toml"), "fallback = 7\n")
-                    .expect("write");
-                s.hangup();
-                assert!(
-                    s.wait_log(&["policy reload refused"], Duration::from_secs(3))
-                        .is_some()
-                );
-                std::fs::write(
-                    s.policy_path().join("default.toml"),
-                    "fallback = \"relay\"\n",
-                )
-                .expect("write");
-            }
-            "relay killed and restarted" => {
-                if let Some(r) = relay.take() {
-                    r.kill();
-                }
-                std::thread::sleep(Duration::from_secs(2));
-                relay = Some(spawn_relay(Some(&t.ns("l")), &relay_config));
-            }
-            "alice's sidecar killed and restarted" => {
-                if let Some(s) = alice.take() {
-                    s.daemon_kill();
-                }
-                std::thread::sleep(Duration::from_secs(1));
-                alice = Some(sidecar(&t, "a", &pki));
-            }
-            _ => {
-                let s = alice.as_ref().expect("alice");
-                std::fs::write(
-                    s.policy_path().join("default.toml"),
-                    "fallback = \"relay\"\n[[rule]]\nname = \"no-bob\"\nverdict = \"block\"\nnetworks = [\"203.0.113.0/25\"]\ntransport = [\"udp\"]\n",
-                )
-                .expect("write");
-                s.hangup();
-                assert!(
-                    s.wait_log(&["policy reloaded"], Duration::from_secs(3))
-                        .is_some()
-                );
-            }
-        }
+        let injected = self.inject(fault);
         let fault_end = now();
         let (a, b) = (outcome(offer), outcome(answer));
         let leaked = leaks.stop();
-        assert!(leaked.is_empty(), "{scenario}: leaked {leaked:?}");
+        injected?;
+        eprintln!("{scenario}: fault from {fault_at:.1} to {fault_end:.1}");
+        if !leaked.is_empty() {
+            return Err(format!("leaked {leaked:?}"));
+        }
         if (a.state.as_str(), b.state.as_str()) != ("connected", "connected") {
-            panic!(
-                "{scenario}: the call did not survive\n{a:?}\n{b:?}\nalice's sidecar:\n{}\nbob's sidecar:\n{}",
-                tunnel_excerpt(alice.as_ref()),
-                tunnel_excerpt(Some(&bob))
-            );
+            return Err(format!(
+                "the call did not survive\n{a:?}\n{b:?}\n{}",
+                self.excerpts()
+            ));
         }
         let resumed = |o: &Outcome| o.first_after(fault_end).map(|t| t - fault_end);
         let after = |o: &Outcome| o.frames_between(fault_end + 0.5, f64::MAX);
@@ -598,57 +634,75 @@ fn faults_during_a_call() {
             }
         );
         eprintln!("{line}");
-        report.push(line);
-        match scenario {
-            "relay blackholed 10 s"
-            | "bad policy reloaded"
-            | "relay killed and restarted"
-            | "alice's sidecar killed and restarted" => {
-                assert!(
-                    after(&a) > 50 && after(&b) > 50,
-                    "{scenario}: the call must survive\n{a:?}\n{b:?}"
-                );
-                if scenario == "relay blackholed 10 s" {
-                    // The sidecars replace their silent connections as soon as the relay
-                    // answers again, rather than wait out QUIC's backed-off loss probes (up to
-                    // as long again as the outage).
-                    let slowest = resumed(&a).zip(resumed(&b)).map(|(x, y)| x.max(y));
-                    assert!(
-                        slowest.is_some_and(|s| s < 3.0),
-                        "{scenario}: media must flow again within 3 s of the link's return both ways, not {slowest:?}\n{a:?}\n{b:?}"
-                    );
-                    // And `veil status` says why.
-                    let status = alice.as_ref().expect("alice").status();
-                    let replaced = status
-                        .split(" replaced after the relay fell silent")
-                        .next()
-                        .and_then(|head| head.rsplit(' ').next())
-                        .and_then(|n| n.parse::<u64>().ok());
-                    assert!(replaced.is_some_and(|n| n >= 1), "{status}");
-                }
+        if !fault.survives() {
+            // Alice drops bob's media and sends none: the call stops (without leaking).
+            if after(&a) != 0 {
+                return Err("alice still hears bob".into());
             }
-            "stricter policy reloaded (bob's relay address blocked)" => {
-                // Alice drops bob's media and sends none: the call stops (without leaking).
-                assert!(
-                    a.frames_between(fault_end + 0.5, f64::MAX) == 0,
-                    "{scenario}: alice still hears bob"
-                );
-                assert!(
-                    b.frames_between(fault_end + 0.5, f64::MAX) == 0,
-                    "{scenario}: bob still hears alice"
-                );
-                // Put the open policy back for any later scenario.
-                let s = alice.as_ref().expect("alice");
-                std::fs::write(
-                    s.policy_path().join("default.toml"),
-                    "fallback = \"relay\"\n",
-                )
-                .expect("write");
-                s.hangup();
+            if after(&b) != 0 {
+                return Err("bob still hears alice".into());
             }
-            _ => {}
+            return Ok(line);
         }
-        eprintln!("{scenario}: fault from {fault_at:.1} to {fault_end:.1}");
+        if !(after(&a) > 50 && after(&b) > 50) {
+            return Err(format!("the call must survive\n{a:?}\n{b:?}"));
+        }
+        if fault == Fault::RelayBlackholed {
+            // The sidecars replace their silent connections as soon as the relay answers
+            // again, rather than wait out QUIC's backed-off loss probes (up to as long again as
+            // the outage).
+            let slowest = resumed(&a).zip(resumed(&b)).map(|(x, y)| x.max(y));
+            if !slowest.is_some_and(|s| s < 3.0) {
+                return Err(format!(
+                    "media must flow again within 3 s of the link's return both ways, not {slowest:?}\n{a:?}\n{b:?}"
+                ));
+            }
+            // And `veil status` says why.
+            let status = self.alice()?.status();
+            let replaced = status
+                .split(" replaced after the relay fell silent")
+                .next()
+                .and_then(|head| head.rsplit(' ').next())
+                .and_then(|n| n.parse::<u64>().ok());
+            if replaced.is_none_or(|n| n < 1) {
+                return Err(format!(
+                    "status does not count the replaced connection:\n{status}"
+                ));
+            }
+        }
+        Ok(line)
+    }
+}
+
+/// Faults during a call, each in the same oracle: what leaves, whether the call survives, and
+/// how long until media flows again. Every fault is tried, whatever became of the ones before;
+/// the test fails with all the failures.
+#[test]
+fn faults_during_a_call() {
+    let _ = call_python();
+    let _serial = one_at_a_time();
+    let t = topology();
+    let pki = Pki::generate(RELAY_IP);
+    let relay_config = pki.relay_config("relay.toml", RELAY, "allow = [\"203.0.113.128/25\"]\n");
+    let relay = Some(spawn_relay(Some(&t.ns("l")), &relay_config));
+    let _stun = Stun::start(&t);
+    let mut stage = Stage {
+        t: &t,
+        pki: &pki,
+        relay_config,
+        relay,
+        alice: Some(sidecar(&t, "a", &pki)),
+        bob: sidecar(&t, "b", &pki),
+    };
+    let leak_filter = leak_filter();
+    let mut report = Vec::new();
+    let mut failures = Vec::new();
+    for fault in Fault::ALL {
+        match stage.call_through(fault, &leak_filter) {
+            Ok(line) => report.push(line),
+            Err(e) => failures.push(format!("{}: {e}", fault.name())),
+        }
+        stage.restore(fault);
     }
     eprintln!(
         "| scenario | leaked packets | set-up (alice / bob) | frames after the fault (alice / bob) | media again after |"
@@ -656,260 +710,7 @@ fn faults_during_a_call() {
     for line in report {
         eprintln!("{line}");
     }
-}
-
-/// Kamailio as the SIP registrar and proxy in namespace `s` (beside the STUN server). It records
-/// where each REGISTER came from (with veil: the relay) and routes calls there; it keeps itself
-/// on the signalling path (Record-Route) so in-dialog requests find the masked users too.
-struct SipServer {
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-const KAMAILIO_CFG: &str = r#"#!KAMAILIO
-debug=2
-log_stderror=yes
-children=2
-listen=udp:203.0.113.130:5060
-mpath="/usr/lib/x86_64-linux-gnu/kamailio/modules/"
-loadmodule "tm.so"
-loadmodule "sl.so"
-loadmodule "rr.so"
-loadmodule "pv.so"
-loadmodule "maxfwd.so"
-loadmodule "usrloc.so"
-loadmodule "registrar.so"
-loadmodule "textops.so"
-loadmodule "siputils.so"
-loadmodule "nathelper.so"
-modparam("usrloc", "db_mode", 0)
-modparam("registrar", "received_avp", "$avp(RECEIVED)")
-modparam("nathelper", "received_avp", "$avp(RECEIVED)")
-modparam("nathelper", "natping_interval", 0)
-request_route {
-    force_rport();
-    if (is_method("REGISTER")) {
-        fix_nated_register();
-        if (!save("location")) { sl_reply_error(); }
-        exit;
-    }
-    if (has_totag()) {
-        if (loose_route()) { t_relay(); exit; }
-        if (is_method("ACK") && t_check_trans()) { t_relay(); }
-        exit;
-    }
-    if (is_method("CANCEL")) {
-        if (t_check_trans()) { t_relay(); }
-        exit;
-    }
-    fix_nated_contact();
-    record_route();
-    if (!lookup("location")) { sl_send_reply("404", "Not Found"); exit; }
-    t_relay();
-}
-onreply_route {
-    fix_nated_contact();
-}
-"#;
-
-const SIP_SERVER: &str = "203.0.113.130";
-
-impl SipServer {
-    fn start(t: &Topology) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = dir.path().join("kamailio.cfg");
-        std::fs::write(&cfg, KAMAILIO_CFG).expect("cfg");
-        let child = t
-            .command("s", "kamailio")
-            .args(["-DD", "-E", "-m", "32", "-M", "8", "-f"])
-            .arg(&cfg)
-            .arg("-Y")
-            .arg(dir.path())
-            .arg("-P")
-            .arg(dir.path().join("pid"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("kamailio (tests/run.sh installs it)");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while t
-            .command("s", "ss")
-            .args(["-Hlun", "sport", "= :5060"])
-            .output()
-            .expect("ss")
-            .stdout
-            .is_empty()
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "kamailio did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { child, _dir: dir }
-    }
-}
-
-impl Drop for SipServer {
-    fn drop(&mut self) {
-        // SIGTERM: the main process stops its children.
-        let _ = std::process::Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-/// A baresip user agent run as the managed user in `role`'s namespace: registers as `user`,
-/// sends a sine tone of `tone` Hz, records what it hears (sndfile), answers calls, or dials
-/// `dial`; quits after `seconds`.
-struct Baresip {
-    child: Child,
-    lines: std::sync::Arc<std::sync::Mutex<Vec<(f64, String)>>>,
-    dir: tempfile::TempDir,
-}
-
-impl Baresip {
-    fn start(
-        t: &Topology,
-        role: &str,
-        user: &str,
-        tone: u32,
-        dial: Option<&str>,
-        seconds: u32,
-    ) -> Self {
-        use std::io::BufRead;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let dumps = dir.path().join("dumps");
-        std::fs::create_dir(&dumps).expect("dumps");
-        std::fs::write(
-            dir.path().join("config"),
-            format!(
-                "poll_method epoll\nsip_listen 0.0.0.0:5070\naudio_player alsa,null\naudio_alert alsa,null\n\
-                 audio_source ausine,{tone}\nausrc_srate 48000\nausrc_channels 2\nrtp_ports 10000-10100\nmodule_path /usr/lib/baresip/modules\n\
-                 module opus.so\nmodule ausine.so\nmodule alsa.so\nmodule sndfile.so\nmodule stun.so\n\
-                 module_app account.so\nmodule_app menu.so\nsnd_path {}\n",
-                dumps.display()
-            ),
-        )
-        .expect("config");
-        std::fs::write(
-            dir.path().join("accounts"),
-            format!(
-                "<sip:{user}@{SIP_SERVER}>;regint=60;medianat=stun;stunserver=stun:{STUN}:3478;answermode=auto;audio_codecs=opus\n"
-            ),
-        )
-        .expect("accounts");
-        for p in [dir.path(), dumps.as_path()] {
-            std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-                .expect("chmod");
-        }
-        let mut cmd = t.command(role, "setpriv");
-        cmd.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-            .arg("baresip")
-            .arg("-f")
-            .arg(dir.path())
-            .args(["-t", &seconds.to_string()]);
-        if let Some(uri) = dial {
-            cmd.args(["-e", &format!("/dial {uri}")]);
-        }
-        let mut child = cmd
-            .env("HOME", dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("baresip (tests/run.sh installs baresip-core)");
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().expect("stdout");
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if let Ok(mut l) = sink.lock() {
-                    l.push((now(), line));
-                }
-            }
-        });
-        Self { child, lines, dir }
-    }
-
-    /// When a line containing `text` was printed, waiting up to `timeout`.
-    fn wait_for(&self, text: &str, timeout: Duration) -> Option<f64> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Some(at) = self
-                .lines
-                .lock()
-                .ok()
-                .and_then(|l| l.iter().find(|(_, s)| s.contains(text)).map(|(t, _)| *t))
-            {
-                return Some(at);
-            }
-            if std::time::Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn output(&self) -> String {
-        self.lines
-            .lock()
-            .map(|l| {
-                l.iter()
-                    .map(|(_, s)| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            })
-            .unwrap_or_default()
-    }
-
-    /// Waits for the agent to quit; then the seconds and RMS of the audio it decoded (heard).
-    fn finish(mut self) -> (f64, f64, String) {
-        let _ = self.child.wait();
-        let output = self.output();
-        let heard = std::fs::read_dir(self.dir.path().join("dumps"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.to_string_lossy().ends_with("-dec.wav"))
-            .and_then(|p| std::fs::read(p).ok())
-            .map(|wav| wav_seconds_and_rms(&wav))
-            .unwrap_or((0.0, 0.0));
-        (heard.0, heard.1, output)
-    }
-}
-
-/// Seconds and RMS of a 16-bit PCM WAV file's `data` chunk.
-fn wav_seconds_and_rms(wav: &[u8]) -> (f64, f64) {
-    let channels = wav
-        .get(22..24)
-        .and_then(|b| b.try_into().ok())
-        .map_or(1, u16::from_le_bytes)
-        .max(1);
-    let rate = wav
-        .get(24..28)
-        .and_then(|b| b.try_into().ok())
-        .map_or(8000, u32::from_le_bytes)
-        * u32::from(channels);
-    let Some(at) = wav.windows(4).position(|w| w == b"data") else {
-        return (0.0, 0.0);
-    };
-    let samples: Vec<f64> = wav
-        .get(at + 8..)
-        .unwrap_or_default()
-        .chunks_exact(2)
-        .map(|c| f64::from(i16::from_le_bytes([c[0], c[1]])))
-        .collect();
-    if samples.is_empty() {
-        return (0.0, 0.0);
-    }
-    let rms = (samples.iter().map(|s| s * s).sum::<f64>() / samples.len() as f64).sqrt();
-    (samples.len() as f64 / f64::from(rate), rms)
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
 #[test]
@@ -927,7 +728,7 @@ fn sip_call_between_two_masked_users_leaks_nothing() {
         &format!("udp and src host {SIP_SERVER} and src port 5060"),
     );
 
-    let callee = Baresip::start(t, "b", "bob", 660, None, 16);
+    let callee = Baresip::start(t, "b", "bob", 660, None, 16, STUN);
     assert!(
         callee.wait_for("200 OK", Duration::from_secs(8)).is_some(),
         "bob did not register:\n{}",
@@ -941,6 +742,7 @@ fn sip_call_between_two_masked_users_leaks_nothing() {
         440,
         Some(&format!("sip:bob@{SIP_SERVER}")),
         12,
+        STUN,
     );
     let established = caller.wait_for("Call established", Duration::from_secs(10));
     let (alice_heard, alice_rms, alice_log) = caller.finish();

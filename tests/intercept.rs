@@ -5,6 +5,7 @@
 mod support;
 
 use std::time::Duration;
+use support::cgroup::{TestCgroup, in_ns_keeping_mounts};
 use support::netns::{Capture, Topology};
 use support::{Pki, Sidecar, UdpEcho, spawn_relay, veil_in};
 
@@ -12,41 +13,6 @@ const RELAY_IP: &str = "198.51.100.2";
 const RELAY: &str = "198.51.100.2:4433";
 const MANAGED_ECHO: &str = "203.0.113.2:7000";
 const ROOT_ECHO: &str = "203.0.113.2:7001";
-
-/// A plain UDP sender (no proxy support): one datagram per payload, waits for each echo.
-const SENDER: &str = r#"
-import socket, sys, time
-host, port = sys.argv[1], int(sys.argv[2])
-s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(float(sys.argv[3]))
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-for p in sys.argv[4:]:
-    if p.startswith("sleep:"):
-        time.sleep(float(p[6:]))
-        continue
-    if p.startswith("burst:"):
-        # burst:N:SIZE — N datagrams back to back, then their echoes, checked in order.
-        _, n, size = p.split(":")
-        sent = [b"%05d#" % i + b"x" * (int(size) - 6) for i in range(int(n))]
-        for d in sent:
-            s.sendto(d, (host, port))
-        got, frm = [], ("-", 0)
-        try:
-            while len(got) < len(sent):
-                data, frm = s.recvfrom(65535)
-                got.append(data)
-        except OSError:
-            pass
-        verdict = "intact" if got == sent[: len(got)] else "mangled"
-        print("burst %s:%d %d/%d %s" % (frm[0], frm[1], len(got), len(sent), verdict), flush=True)
-        continue
-    try:
-        s.sendto(p.encode(), (host, port))
-        data, frm = s.recvfrom(2048)
-        print("reply %s:%d %s" % (frm[0], frm[1], data.decode()), flush=True)
-    except OSError as e:
-        print("fail", type(e).__name__, flush=True)
-"#;
 
 fn topology() -> Topology {
     let mut t = Topology::new();
@@ -72,7 +38,9 @@ fn send_as(
         None => cmd.args(["--reuid=0"]),
     };
     let out = cmd
-        .args(["/usr/bin/python3", "-c", SENDER, host, port, timeout])
+        .arg("/usr/bin/python3")
+        .arg(support::client_script("udp_sender.py"))
+        .args([host, port, timeout])
         .args(payloads)
         .output()
         .expect("sender");
@@ -248,7 +216,9 @@ fn burst_while_stopped(t: &Topology, sidecar: &Sidecar, n: usize) -> String {
     let mut sender = t
         .command("c", "setpriv")
         .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-        .args(["/usr/bin/python3", "-c", SENDER, host, port, "5", "warm"])
+        .arg("/usr/bin/python3")
+        .arg(support::client_script("udp_sender.py"))
+        .args([host, port, "5", "warm"])
         .args(["sleep:1", &format!("burst:{n}:64")])
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -360,30 +330,6 @@ fn nothing_leaks_when_the_daemon_is_killed_stopped_or_its_table_flushed() {
     );
 }
 
-/// Sends to two targets from one socket, waits for a go file, sends again.
-const TWO_PHASES: &str = r#"
-import os, socket, sys, time
-a, b, go = sys.argv[1], sys.argv[2], sys.argv[3]
-def addr(t):
-    h, p = t.rsplit(":", 1)
-    return (h, int(p))
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(0.7)
-def ping(tag):
-    for t in (a, b):
-        try:
-            s.sendto(tag.encode(), addr(t))
-            data, frm = s.recvfrom(2048)
-            print("reply %s:%d %s" % (frm[0], frm[1], data.decode()), flush=True)
-        except OSError as e:
-            print("fail %s %s" % (t, tag), flush=True)
-ping("before")
-deadline = time.time() + 20
-while not os.path.exists(go) and time.time() < deadline:
-    time.sleep(0.05)
-ping("after")
-"#;
-
 #[test]
 fn reload_under_traffic_keeps_allowed_flows_and_cuts_the_others() {
     let t = topology();
@@ -408,11 +354,9 @@ fn reload_under_traffic_keeps_allowed_flows_and_cuts_the_others() {
             "--regid=nogroup",
             "--clear-groups",
             "/usr/bin/python3",
-            "-c",
-            TWO_PHASES,
-            MANAGED_ECHO,
-            "203.0.113.2:7002",
         ])
+        .arg(support::client_script("udp_two_phases.py"))
+        .args([MANAGED_ECHO, "203.0.113.2:7002"])
         .arg(&go)
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -484,96 +428,7 @@ fn reload_under_traffic_keeps_allowed_flows_and_cuts_the_others() {
     drop(relay);
 }
 
-/// A cgroup v2 made for one test, removed on drop (after its processes have exited), with any
-/// parent the test had to create.
-struct TestCgroup {
-    /// The path below the cgroup v2 root.
-    name: String,
-    dir: std::path::PathBuf,
-    /// Directories this test created, innermost first.
-    created: Vec<std::path::PathBuf>,
-}
-
-impl TestCgroup {
-    fn new() -> Self {
-        Self::at(&format!(
-            "veil-test-{}-{}",
-            std::process::id(),
-            fastrand::u32(..)
-        ))
-    }
-
-    /// The cgroup at `name` below the root, made with whatever parents are missing.
-    fn at(name: &str) -> Self {
-        let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
-        let root = mounts
-            .lines()
-            .find_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                (f.get(2) == Some(&"cgroup2")).then(|| f[1].to_owned())
-            })
-            .expect("a cgroup v2 hierarchy is mounted (CI must provide one)");
-        let dir = std::path::Path::new(&root).join(name);
-        let mut created: Vec<std::path::PathBuf> = dir
-            .ancestors()
-            .take_while(|p| !p.exists())
-            .map(std::path::Path::to_path_buf)
-            .collect();
-        created.reverse();
-        for d in &created {
-            std::fs::create_dir(d).expect("create cgroup");
-        }
-        created.reverse();
-        Self {
-            name: name.to_owned(),
-            dir,
-            created,
-        }
-    }
-
-    /// A shell line that moves itself into the cgroup and then runs `program`.
-    fn enter(&self) -> String {
-        format!("echo $$ > {}/cgroup.procs && exec", self.dir.display())
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        for d in &self.created {
-            for _ in 0..50 {
-                if std::fs::remove_dir(d).is_ok() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
-}
-
-/// `program` in `role`'s network namespace with the host's mounts (so /sys/fs/cgroup is the
-/// real one; `ip netns exec` remounts /sys).
-fn in_ns_keeping_mounts(t: &Topology, role: &str, program: &str) -> std::process::Command {
-    let mut c = std::process::Command::new("nsenter");
-    c.arg(format!("--net=/var/run/netns/{}", t.ns(role)))
-        .arg(program);
-    c
-}
-
-/// Waits up to `secs` for one datagram on UDP port `port`; prints "got …" or "none".
-const RECEIVER: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-print("ready", flush=True)
-s.settimeout(float(sys.argv[2]))
-try:
-    data, frm = s.recvfrom(2048)
-    print("got %s from %s" % (data.decode(), frm[0]), flush=True)
-except OSError:
-    print("none", flush=True)
-"#;
-
-/// Runs RECEIVER in namespace `c` (inside `cgroup` if given, as `nobody` if `as_nobody`) while
+/// Runs `tests/clients/udp_receiver.py` in namespace `c` (inside `cgroup` if given, as `nobody` if `as_nobody`) while
 /// `e` sends to it; returns what it printed last.
 fn unsolicited(t: &Topology, cgroup: Option<&TestCgroup>, as_nobody: bool, port: u16) -> String {
     use std::io::BufRead;
@@ -588,9 +443,10 @@ fn unsolicited(t: &Topology, cgroup: Option<&TestCgroup>, as_nobody: bool, port:
     let mut child = in_ns_keeping_mounts(t, "c", "sh")
         .args([
             "-c",
-            &format!("{enter} {user} /usr/bin/python3 -c \"$0\" \"$@\""),
+            &format!("{enter} {user} /usr/bin/python3 \"$0\" \"$@\""),
         ])
-        .args([RECEIVER, &port.to_string(), "3"])
+        .arg(support::client_script("udp_receiver.py"))
+        .args([&port.to_string(), "3"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("receiver");
@@ -642,9 +498,10 @@ fn an_app_in_a_managed_cgroup_is_intercepted_whoever_runs_it_and_gets_no_unsolic
     let out = in_ns_keeping_mounts(&t, "c", "sh")
         .args([
             "-c",
-            &format!("{} /usr/bin/python3 -c \"$0\" \"$@\"", cgroup.enter()),
+            &format!("{} /usr/bin/python3 \"$0\" \"$@\"", cgroup.enter()),
         ])
-        .args([SENDER, "203.0.113.2", "7000", "2", "a", "b"])
+        .arg(support::client_script("udp_sender.py"))
+        .args(["203.0.113.2", "7000", "2", "a", "b"])
         .output()
         .expect("sender in cgroup");
     let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
@@ -778,8 +635,18 @@ fn an_app_sockets_first_datagram_after_a_relay_restart_waits_for_its_new_bind() 
                 &["before", "sleep:6", "after"],
             )
         });
+        // The relay goes once the first echo has reached the app (not merely the echo
+        // server: its reply could still be on the way back through the relay).
+        let delivered = || {
+            sidecar
+                .status()
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("relayed_in "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while echo.seen().is_empty() && std::time::Instant::now() < deadline {
+        while delivered() == 0 && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         relay.kill();
@@ -929,18 +796,6 @@ fn an_intercepted_apps_large_datagrams_are_relayed_whole() {
     drop(relay);
 }
 
-/// Forges UDP with a raw socket (a managed user given `CAP_NET_RAW`), each datagram from a
-/// source port no socket owns.
-const FORGER: &str = r#"
-import socket, struct, sys
-host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
-for i in range(n):
-    payload = b"forged"
-    # Source port, destination port, length, no checksum (IPv4 allows 0).
-    s.sendto(struct.pack("!HHHH", 40000 + i, port, 8 + len(payload), 0) + payload, (host, 0))
-"#;
-
 /// Forged datagrams from ports with no socket behind them are dropped as `no_socket`, never
 /// relayed, and the journal gets a bounded number of lines for them, not one per datagram.
 #[test]
@@ -958,12 +813,9 @@ fn forged_udp_from_ports_without_a_socket_is_dropped_and_logged_at_a_bounded_rat
             "--inh-caps=+net_raw",
             "--ambient-caps=+net_raw",
             "/usr/bin/python3",
-            "-c",
-            FORGER,
-            host,
-            port,
-            "300",
         ])
+        .arg(support::client_script("udp_forger.py"))
+        .args([host, port, "300"])
         .output()
         .expect("forger");
     assert!(

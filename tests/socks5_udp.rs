@@ -479,20 +479,6 @@ fn another_local_user_cannot_take_over_an_association_in_either_order() {
     );
 }
 
-/// Holds N idle TCP connections to the proxy as the user running it, until killed.
-const HOARDER: &str = r#"
-import socket, sys, time
-port, n = int(sys.argv[1]), int(sys.argv[2])
-held = []
-for _ in range(n):
-    try:
-        held.append(socket.create_connection(("127.0.0.1", port), timeout=2))
-    except OSError:
-        pass
-print("holding", len(held), flush=True)
-time.sleep(60)
-"#;
-
 /// One user's idle connections take at most its share of the server's slots (an eighth, at
 /// least 64): another user's association is served at once.
 #[test]
@@ -518,9 +504,8 @@ fn one_users_idle_connections_do_not_keep_another_user_waiting() {
             "--regid=nogroup",
             "--clear-groups",
             "/usr/bin/python3",
-            "-c",
-            HOARDER,
         ])
+        .arg(support::client_script("socks5_hoarder.py"))
         .args([sidecar.addr.port().to_string(), "300".to_owned()])
         .stdout(std::process::Stdio::piped())
         .spawn()

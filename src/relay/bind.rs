@@ -4,12 +4,12 @@
 //! through [`UdpRequest::admit_from_client`], called by the connection's datagram task.
 
 use super::config::InboundFilter;
-use super::connection::{H3Stream, connection_id, peer_subject};
 use super::counters::{RelayDrop, bump};
 use super::permissions::{Denied, Permissions};
 use super::quota::{BindSlot, UserUse};
+use super::request::{H3Stream, peer_subject};
 use super::request::{Refuse, refuse};
-use super::shared::{PortHolder, Shared};
+use super::shared::{Ends, PortHolder, Shared};
 use crate::masque::request::{
     self as mreq, HEADER_BIND, HEADER_CAPSULE_PROTOCOL, HEADER_PUBLIC_ADDRESS, ProxyContexts,
 };
@@ -58,20 +58,29 @@ pub(super) struct UdpRequest {
 /// A connection's UDP requests by quarter stream ID.
 pub(super) type Requests = Arc<Mutex<HashMap<u64, Arc<UdpRequest>>>>;
 
+/// Tells a connection apart from every other live one of the relay, whichever shard it is on
+/// (quinn's `stable_id` is unique only within one endpoint): the address of its requests' map,
+/// which lives as long as any of its binds.
+pub(super) fn connection_id(requests: &Requests) -> usize {
+    Arc::as_ptr(requests) as usize
+}
+
 /// Why a request is ended from outside its task (`UdpRequest::ended`).
 const ENDED_TAKEN_OVER: u8 = 1;
 pub(super) const ENDED_IDLE: u8 = 2;
 pub(super) const ENDED_SHUTDOWN: u8 = 3;
 
-impl UdpRequest {
+impl Ends for UdpRequest {
     /// Ends the request for `why` (one of the `ENDED_*`). A notification rather than a
     /// cancellation token per bind, and one for the relay's shutdown too: the bind's task waits
     /// on one future, not two (memory per idle bind).
-    pub(super) fn end(&self, why: u8) {
+    fn end(&self, why: u8) {
         self.ended.store(why, Ordering::Relaxed);
         self.end.notify_one();
     }
+}
 
+impl UdpRequest {
     fn end_reason(&self) -> &'static str {
         match self.ended.load(Ordering::Relaxed) {
             ENDED_TAKEN_OVER => "port taken over by a newer bind of the same user",
@@ -411,12 +420,12 @@ fn handle_capsules(
     request: &UdpRequest,
     reader: &mut wire::CapsuleReader,
     data: impl bytes::Buf,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, wire::ReadError<CapsuleError>> {
     let mut replies = Vec::new();
     let read = reader.read(data, |capsule| {
         if let wire::Capsule::Datagram(value) = &capsule {
             // A datagram too large for the client's DATAGRAM frames: sent on like one.
-            let (context, payload) = wire::split_context(value).map_err(|e| e.to_string())?;
+            let (context, payload) = wire::split_context(value)?;
             if let Some((to, udp)) = request.admit_from_client(shared, context, payload) {
                 let sent = match to {
                     Some(to) => request.socket.try_send_to(udp, to),
@@ -430,18 +439,34 @@ fn handle_capsules(
             return Ok(());
         }
         if let Mode::Bind(contexts) = &request.mode {
-            let mut table = contexts.lock().map_err(|_| "lock poisoned".to_owned())?;
-            let reply = table
-                .on_capsule(&capsule, |peer| shared.may_send_to(peer))
-                .map_err(|e| e.to_string())?;
+            let mut table = contexts.lock().map_err(|_| CapsuleError::Poisoned)?;
+            let reply = table.on_capsule(&capsule, |peer| shared.may_send_to(peer))?;
             if let Some(reply) = reply {
                 reply.encode(&mut replies);
             }
         }
-        Ok::<(), String>(())
+        Ok::<(), CapsuleError>(())
     });
-    read.map_err(|e| e.to_string())?;
+    read?;
     Ok(replies)
+}
+
+/// The client's connection is gone: the request ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ConnectionLost;
+
+/// Why a request stream's capsules end the request.
+#[derive(Debug, thiserror::Error)]
+enum CapsuleError {
+    /// A DATAGRAM capsule without a context ID.
+    #[error("{0}")]
+    Wire(#[from] wire::Error),
+    /// A capsule the bind's context table refuses.
+    #[error("{0}")]
+    Context(#[from] crate::masque::request::ContextError),
+    /// The context table's lock was poisoned by a panic.
+    #[error("context table lock poisoned")]
+    Poisoned,
 }
 
 /// Bytes of DATAGRAM capsules one wake-up of a bind may write on its request stream.
@@ -456,7 +481,7 @@ fn to_client(
     conn: &quinn::Connection,
     request: &UdpRequest,
     quarter: u64,
-) -> Result<Vec<u8>, ()> {
+) -> Result<Vec<u8>, ConnectionLost> {
     let mut sent = 0;
     let mut capsules = Vec::new();
     let mut outcome = Ok(());
@@ -467,11 +492,11 @@ fn to_client(
             match one_to_client(shared, conn, request, quarter, from, payload, &mut capsules) {
                 Ok(true) => sent += 1,
                 Ok(false) => {}
-                Err(()) => lost = true,
+                Err(ConnectionLost) => lost = true,
             }
         });
         if lost {
-            outcome = Err(());
+            outcome = Err(ConnectionLost);
             break;
         }
         if received.is_err() {
@@ -495,7 +520,7 @@ fn one_to_client(
     from: SocketAddr,
     payload: &[u8],
     capsules: &mut Vec<u8>,
-) -> Result<bool, ()> {
+) -> Result<bool, ConnectionLost> {
     let c = &shared.counters;
     let from = SocketAddr::new(from.ip().to_canonical(), from.port());
     let (context, compressed) = match &request.mode {
@@ -542,7 +567,7 @@ fn one_to_client(
     }
     match conn.send_datagram(Bytes::from(datagram)) {
         Ok(()) => return Ok(true),
-        Err(quinn::SendDatagramError::ConnectionLost(_)) => return Err(()),
+        Err(quinn::SendDatagramError::ConnectionLost(_)) => return Err(ConnectionLost),
         Err(_) => c.drop(RelayDrop::Unknown),
     }
     Ok(false)

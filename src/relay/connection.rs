@@ -1,12 +1,17 @@
 //! One sidecar's QUIC connection on the relay: its HTTP/3 requests, each set up in a task of its
 //! own within a budget (headers, time, requests in set-up at once), the sweep that ends idle
-//! requests, and the task that reads its QUIC DATAGRAM frames and sends each on from its
-//! request's socket (a map lookup by quarter stream ID; no channel hop).
+//! requests, each request handed to what serves it (bind, fixed UDP target, TCP), and the task
+//! that reads its QUIC DATAGRAM frames and sends each on from its request's socket (a map
+//! lookup by quarter stream ID; no channel hop).
 
-use super::bind::{ENDED_IDLE, ENDED_SHUTDOWN, Requests};
+use super::bind::{ENDED_IDLE, ENDED_SHUTDOWN, OpenUdp, Requests, Target, open_udp};
 use super::counters::RelayDrop;
-use super::request::serve_request;
-use super::shared::Shared;
+use super::request::{Admitted, H3Stream, Refuse, admit, header, peer_subject, refuse};
+use super::shared::{Ends, Shared};
+use super::tcp::serve_tcp;
+use crate::masque::request as mreq;
+use http::StatusCode;
+
 use crate::masque::wire;
 use crate::rate::TokenBucket;
 use bytes::Bytes;
@@ -20,10 +25,6 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, debug, info};
 
 type H3Conn = h3::server::Connection<super::budget::Connection, Bytes>;
-/// A request stream, within its budget until it is answered.
-pub(super) type H3Stream =
-    h3::server::RequestStream<super::budget::Budgeted<h3_quinn::BidiStream<Bytes>>, Bytes>;
-
 /// Requests one connection may have in set-up at once (headers arriving, admission, the bind's
 /// socket): with the per-request budget, at most 1,024 × 64 KiB buffered per connection (a
 /// sidecar that reconnects opens its binds all at once, one per app socket).
@@ -172,13 +173,6 @@ pub(super) async fn serve_connection(
     Ok(())
 }
 
-/// Tells a connection apart from every other live one of the relay, whichever shard it is on
-/// (quinn's `stable_id` is unique only within one endpoint): the address of its requests' map,
-/// which lives as long as any of its binds.
-pub(super) fn connection_id(requests: &Requests) -> usize {
-    Arc::as_ptr(requests) as usize
-}
-
 /// Ends the requests that have carried no datagram for the idle timeout.
 fn end_idle(shared: &Shared, requests: &Requests) {
     let idle_ms = u64::try_from(shared.config.quotas.idle_timeout.as_millis()).unwrap_or(u64::MAX);
@@ -245,11 +239,60 @@ fn count_sent(shared: &Shared, sent: crate::batch::Sent) {
     c.drop_n(RelayDrop::SendFailed, sent.failed);
 }
 
-/// Who the client's certificate names (the end-entity certificate of its chain).
-pub(super) fn peer_subject(conn: &quinn::Connection) -> Option<crate::pki::Subject> {
-    let chain = conn
-        .peer_identity()?
-        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
-        .ok()?;
-    crate::pki::Subject::of_certificate(chain.first()?.as_ref())
+/// Admits a request (user, identity, quota) and serves it: a TCP request to its end here, a UDP
+/// request up to its answer (its loop runs without the set-up's state).
+async fn serve_request(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    requests: Requests,
+    req: http::Request<()>,
+    mut stream: H3Stream,
+    shutdown: CancellationToken,
+) -> Option<OpenUdp> {
+    let (user, admitted) = match admit(&shared, &req).await {
+        Ok(a) => a,
+        Err(r) => {
+            refuse(&shared, &mut stream, r).await;
+            return None;
+        }
+    };
+    let identity = peer_subject(&conn).and_then(|s| s.common_name);
+    if !shared.config.may_speak_for(identity.as_deref(), &user) {
+        let r = Refuse(
+            StatusCode::FORBIDDEN,
+            "identity_not_permitted",
+            format!(
+                "certificate {} may not speak for user {user}",
+                identity.as_deref().unwrap_or("(no common name)")
+            ),
+        );
+        refuse(&shared, &mut stream, r).await;
+        return None;
+    }
+    let Some(slot) = shared.usage.take(&user, Instant::now()) else {
+        let r = Refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "connection_limit_reached",
+            format!("quota for user {user}"),
+        );
+        refuse(&shared, &mut stream, r).await;
+        return None;
+    };
+    // A port below 1024 is never handed out, whatever a sidecar asks for.
+    let preferred = header(&req, mreq::HEADER_PREFERRED_PORT)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse::<u16>().ok())
+        .filter(|p| *p >= 1024);
+    drop(req);
+    let target = match admitted {
+        Admitted::Tcp(target) => {
+            serve_tcp(&shared, &user, target, stream, shutdown).await;
+            drop(slot);
+            return None;
+        }
+        Admitted::Bind => Target::Bind { preferred },
+        Admitted::Fixed(t) => Target::Fixed(t),
+    };
+    let user = (user, slot);
+    open_udp(shared, conn, requests, user, target, stream, shutdown).await
 }

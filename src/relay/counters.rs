@@ -1,5 +1,5 @@
 //! What the relay did: datagrams each way, requests accepted and refused, and every drop by
-//! its reason (one counter each, as the sidecar's [`DropReason`](crate::sidecar::state::DropReason)s).
+//! its reason (one counter each, as the sidecar's [`DropReason`](crate::datapath::state::DropReason)s).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -1,21 +1,20 @@
-//! A request on the relay, from its headers to what serves it: who it is for (`veil-user`, and
-//! whether the client's certificate may speak for them), what it asks for (a bind, a fixed UDP
-//! target, a TCP target) and whether the egress policy allows it; or its refusal, with a status
-//! and a `Proxy-Status` the client can act on.
+//! A request on the relay, read from its headers: who it is for (`veil-user`), what it asks
+//! for (a bind, a fixed UDP target, a TCP target) and whether the egress policy allows it; or
+//! its refusal, with a status and a `Proxy-Status` the client can act on. Also who the
+//! client's certificate names, which decides whom it may speak for.
 
-use super::bind::{OpenUdp, Requests, Target, open_udp};
-use super::connection::{H3Stream, peer_subject};
 use super::counters::bump;
 use super::egress::Refusal;
 use super::shared::Shared;
-use super::tcp::serve_tcp;
 use crate::masque::request::{self as mreq, HEADER_BIND, HEADER_USER, UdpTarget};
+use bytes::Bytes;
 use http::{Method, Response, StatusCode};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::info;
+
+/// A request stream, within its budget until it is answered.
+pub(super) type H3Stream =
+    h3::server::RequestStream<super::budget::Budgeted<h3_quinn::BidiStream<Bytes>>, Bytes>;
 
 /// A refusal: status, `Proxy-Status` error and details.
 pub(super) struct Refuse(
@@ -55,7 +54,7 @@ pub(super) async fn refuse(
     let _ = stream.finish().await;
 }
 
-fn header<'a>(req: &'a http::Request<()>, name: &str) -> Option<&'a [u8]> {
+pub(super) fn header<'a>(req: &'a http::Request<()>, name: &str) -> Option<&'a [u8]> {
     req.headers().get(name).map(|v| v.as_bytes())
 }
 
@@ -82,7 +81,10 @@ fn prohibited(r: Refusal) -> Refuse {
 }
 
 /// Checks a request and says what it is for: the user, and the UDP target or TCP target.
-async fn admit(shared: &Shared, req: &http::Request<()>) -> Result<(String, Admitted), Refuse> {
+pub(super) async fn admit(
+    shared: &Shared,
+    req: &http::Request<()>,
+) -> Result<(String, Admitted), Refuse> {
     let bad = |d: &str| Refuse(StatusCode::BAD_REQUEST, "http_request_error", d.to_owned());
     // A user name as Unix and directory services write them; anything else (spaces, quotes,
     // control characters that would forge fields in log lines) is refused.
@@ -144,64 +146,20 @@ async fn admit(shared: &Shared, req: &http::Request<()>) -> Result<(String, Admi
     }
 }
 
-enum Admitted {
+pub(super) enum Admitted {
+    /// A bind: any peer.
     Bind,
+    /// Unextended CONNECT-UDP to one target.
     Fixed(SocketAddr),
+    /// Classic CONNECT to a TCP target.
     Tcp(SocketAddr),
 }
 
-pub(super) async fn serve_request(
-    shared: Arc<Shared>,
-    conn: quinn::Connection,
-    requests: Requests,
-    req: http::Request<()>,
-    mut stream: H3Stream,
-    shutdown: CancellationToken,
-) -> Option<OpenUdp> {
-    let (user, admitted) = match admit(&shared, &req).await {
-        Ok(a) => a,
-        Err(r) => {
-            refuse(&shared, &mut stream, r).await;
-            return None;
-        }
-    };
-    let identity = peer_subject(&conn).and_then(|s| s.common_name);
-    if !shared.config.may_speak_for(identity.as_deref(), &user) {
-        let r = Refuse(
-            StatusCode::FORBIDDEN,
-            "identity_not_permitted",
-            format!(
-                "certificate {} may not speak for user {user}",
-                identity.as_deref().unwrap_or("(no common name)")
-            ),
-        );
-        refuse(&shared, &mut stream, r).await;
-        return None;
-    }
-    let Some(slot) = shared.usage.take(&user, Instant::now()) else {
-        let r = Refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            "connection_limit_reached",
-            format!("quota for user {user}"),
-        );
-        refuse(&shared, &mut stream, r).await;
-        return None;
-    };
-    // A port below 1024 is never handed out, whatever a sidecar asks for.
-    let preferred = header(&req, mreq::HEADER_PREFERRED_PORT)
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|v| v.parse::<u16>().ok())
-        .filter(|p| *p >= 1024);
-    drop(req);
-    let target = match admitted {
-        Admitted::Tcp(target) => {
-            serve_tcp(&shared, &user, target, stream, shutdown).await;
-            drop(slot);
-            return None;
-        }
-        Admitted::Bind => Target::Bind { preferred },
-        Admitted::Fixed(t) => Target::Fixed(t),
-    };
-    let user = (user, slot);
-    open_udp(shared, conn, requests, user, target, stream, shutdown).await
+/// Who the client's certificate names (the end-entity certificate of its chain).
+pub(super) fn peer_subject(conn: &quinn::Connection) -> Option<crate::pki::Subject> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    crate::pki::Subject::of_certificate(chain.first()?.as_ref())
 }

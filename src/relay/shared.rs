@@ -1,6 +1,5 @@
 //! What every shard, connection and request of the relay shares.
 
-use super::bind::UdpRequest;
 use super::config::RelayConfig;
 use super::counters::RelayCounters;
 use super::egress::Egress;
@@ -33,10 +32,16 @@ pub(super) struct PortHolder {
     /// The subject of the certificate it came with: only the same sidecar may take the port.
     pub(super) subject: Option<Vec<u8>>,
     pub(super) bind: u64,
-    /// The QUIC connection it came on ([`super::connection::connection_id`]).
+    /// The QUIC connection it came on ([`super::bind::connection_id`]).
     pub(super) conn: usize,
     /// That bind's request, to end it.
-    pub(super) request: Arc<UdpRequest>,
+    pub(super) request: Arc<dyn Ends>,
+}
+
+/// A request that can be ended from outside its task (a port taken over).
+pub(super) trait Ends: std::fmt::Debug + Send + Sync {
+    /// Ends the request for `why` (one of `super::bind`'s reasons).
+    fn end(&self, why: u8);
 }
 
 impl Shared {

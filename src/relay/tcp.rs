@@ -1,9 +1,8 @@
 //! A classic CONNECT on the relay: a TCP connection to the target, its bytes carried on the
 //! request stream both ways.
 
-use super::connection::H3Stream;
 use super::counters::bump;
-use super::request::{Refuse, refuse};
+use super::request::{H3Stream, Refuse, refuse};
 use super::shared::Shared;
 use http::{Response, StatusCode};
 use std::net::SocketAddr;

@@ -1,13 +1,10 @@
-//! The sidecar: its configuration, its sidecar-wide state, and the datagram pipeline that
-//! every front-end (SOCKS5, transparent interception) feeds; [`Sidecar`] puts it together.
+//! The sidecar: its configuration, who it manages, and [`Sidecar`], which puts the datapath
+//! ([`crate::datapath`]), the front-ends ([`crate::socks5`], [`crate::intercept`]), the tunnel
+//! and the kill switch together.
 
-pub mod association;
-pub(crate) mod binding;
 pub mod config;
 pub mod managed;
-pub(crate) mod pipeline;
 pub mod service;
-pub mod state;
 
 pub use config::SidecarConfig;
 pub use service::{Reloader, Settings, Sidecar};

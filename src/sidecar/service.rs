@@ -6,7 +6,7 @@
 //! - the tunnel's connection manager ([`Tunnel`]): keeps one QUIC connection to the relay,
 //!   replaces it when the relay falls silent; one task per bind request stream;
 //! - the SOCKS5 accept loop ([`Server::run`]), one task per client connection; a UDP
-//!   ASSOCIATE's task runs its [`Pipeline`](super::pipeline::Pipeline) to the end;
+//!   ASSOCIATE's task runs its `Pipeline` (`crate::datapath::pipeline`) to the end;
 //! - with `[transparent]`: the TPROXY listener ([`crate::intercept::run`]), one task per
 //!   intercepted app socket (each its own pipeline), and the kill switch's guard
 //!   ([`crate::firewall::guard`]);
@@ -18,7 +18,7 @@
 
 use super::config::SidecarConfig;
 use super::managed;
-use super::state::Handle;
+use crate::datapath::state::Handle;
 use crate::firewall::{self, Interception};
 use crate::policy::Policy;
 use crate::socks5::passwords::{self, PasswordFile};

@@ -1,7 +1,7 @@
 //! A CONNECT-UDP bind through the tunnel: the request that opens it, the task that carries its
 //! capsules, and the [`Bind`] its owner sends and receives with.
 
-use super::{ClientStream, OpenError, Tunnel, response};
+use super::{Awaited, BindProtocolError, ClientStream, OpenError, Tunnel, response};
 use crate::masque::request::{
     self as mreq, BIND_PATH, ClientContexts, HEADER_BIND, HEADER_CAPSULE_PROTOCOL, HEADER_USER,
 };
@@ -99,79 +99,30 @@ impl Tunnel {
         preferred_port: Option<u16>,
     ) -> Result<Bind, OpenError> {
         let live = self.live()?;
-        let mut req = http::Request::builder()
-            .method(Method::CONNECT)
-            .uri(format!("https://{}{BIND_PATH}", self.config.server_name))
-            .header(HEADER_BIND, "?1")
-            .header(HEADER_CAPSULE_PROTOCOL, "?1")
-            .header(HEADER_USER, user);
-        if let Some(port) = preferred_port {
-            req = req.header(mreq::HEADER_PREFERRED_PORT, port.to_string());
-        }
-        let req = req
-            .extension(h3::ext::Protocol::CONNECT_UDP)
-            .body(())
-            .map_err(|e| OpenError::Failed(e.to_string()))?;
-        let failed = |e: &dyn std::fmt::Display| OpenError::Failed(e.to_string());
+        let req = bind_request(&self.config.server_name, user, preferred_port)?;
+        let stream_error = |e: &dyn std::fmt::Display| OpenError::Stream(e.to_string());
         let mut requests = live.requests.clone();
-        let mut stream = requests.send_request(req).await.map_err(|e| failed(&e))?;
+        let mut stream = requests
+            .send_request(req)
+            .await
+            .map_err(|e| stream_error(&e))?;
         // Read the stream ID now: h3-quinn's recv half cannot report it while a read is pending.
         let quarter = stream.id().into_inner() / 4;
         // Register the uncompressed context at once, before the response (listen-13 §4).
-        let (contexts, assign) = ClientContexts::new(64, 8);
+        let (mut contexts, assign) = ClientContexts::new(64, 8);
         let mut hello = Vec::new();
         assign.encode(&mut hello);
         stream
             .send_data(Bytes::from(hello))
             .await
-            .map_err(|e| failed(&e))?;
-        let resp = response(&mut stream).await?;
-        if !resp
-            .headers()
-            .get(HEADER_BIND)
-            .is_some_and(|v| mreq::is_sf_true(v.as_bytes()))
-        {
-            return Err(OpenError::Failed(
-                "relay did not grant connect-udp-bind".into(),
-            ));
-        }
-        let public = resp
-            .headers()
-            .get(mreq::HEADER_PUBLIC_ADDRESS)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| mreq::parse_public_addresses(v).into_iter().next())
-            .ok_or_else(|| OpenError::Failed("relay sent no proxy-public-address".into()))?;
-        // Wait for the proxy to acknowledge the uncompressed context: a datagram sent before the
-        // proxy has read the registration would be dropped there (listen-13 §3.1 allows
-        // pre-emptive use, but losing an app's first packet — usually STUN — is worse than one
-        // more round trip at bind time).
-        let mut contexts = contexts;
-        let mut reader = wire::CapsuleReader::default();
-        let acked = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                let Ok(Some(data)) = stream.recv_data().await else {
-                    return Err(OpenError::Failed(
-                        "bind closed before its context was acknowledged".into(),
-                    ));
-                };
-                let mut acked = false;
-                reader
-                    .read(data, |capsule| {
-                        acked |= capsule
-                            == (Capsule::CompressionAck {
-                                context_id: mreq::UNCOMPRESSED_CONTEXT,
-                            });
-                        contexts.on_capsule(&capsule).map(|_| ())
-                    })
-                    .map_err(|e| OpenError::Failed(e.to_string()))?;
-                if acked {
-                    return Ok(());
-                }
-            }
-        })
+            .map_err(|e| stream_error(&e))?;
+        let public = granted(&response(&mut stream).await?)?;
+        let reader = tokio::time::timeout(
+            Duration::from_secs(10),
+            context_acknowledged(&mut stream, &mut contexts),
+        )
         .await
-        .map_err(|_| OpenError::Failed("no acknowledgement of the uncompressed context".into()))?;
-        acked?;
+        .map_err(|_| OpenError::Timeout(Awaited::ContextAck))??;
         let state = Arc::new(BindState {
             inner: Mutex::new(BindInner {
                 contexts,
@@ -200,6 +151,71 @@ impl Tunnel {
             state,
             public,
         })
+    }
+}
+
+/// The CONNECT-UDP bind request (listen-13) for `user` at the relay named `server_name`.
+fn bind_request(
+    server_name: &str,
+    user: &str,
+    preferred_port: Option<u16>,
+) -> Result<http::Request<()>, OpenError> {
+    let mut req = http::Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("https://{server_name}{BIND_PATH}"))
+        .header(HEADER_BIND, "?1")
+        .header(HEADER_CAPSULE_PROTOCOL, "?1")
+        .header(HEADER_USER, user);
+    if let Some(port) = preferred_port {
+        req = req.header(mreq::HEADER_PREFERRED_PORT, port.to_string());
+    }
+    req.extension(h3::ext::Protocol::CONNECT_UDP)
+        .body(())
+        .map_err(|e| OpenError::Stream(e.to_string()))
+}
+
+/// The public address a 2xx answer to a bind request grants, if it granted the bind.
+fn granted(resp: &http::Response<()>) -> Result<SocketAddr, OpenError> {
+    let headers = resp.headers();
+    if !headers
+        .get(HEADER_BIND)
+        .is_some_and(|v| mreq::is_sf_true(v.as_bytes()))
+    {
+        return Err(OpenError::Protocol(BindProtocolError::NotGranted));
+    }
+    headers
+        .get(mreq::HEADER_PUBLIC_ADDRESS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| mreq::parse_public_addresses(v).into_iter().next())
+        .ok_or(OpenError::Protocol(BindProtocolError::NoPublicAddress))
+}
+
+/// Waits for the relay to acknowledge the uncompressed context. A datagram sent before the
+/// relay has read the registration would be dropped there (listen-13 §3.1 allows pre-emptive
+/// use, but losing an app's first packet — usually STUN — is worse than one more round trip at
+/// bind time). Returns the reader, holding whatever followed the acknowledgement.
+async fn context_acknowledged(
+    stream: &mut ClientStream,
+    contexts: &mut ClientContexts,
+) -> Result<wire::CapsuleReader, OpenError> {
+    let mut reader = wire::CapsuleReader::default();
+    loop {
+        let Ok(Some(data)) = stream.recv_data().await else {
+            return Err(OpenError::Protocol(BindProtocolError::ClosedBeforeAck));
+        };
+        let mut acked = false;
+        reader
+            .read(data, |capsule| {
+                acked |= capsule
+                    == (Capsule::CompressionAck {
+                        context_id: mreq::UNCOMPRESSED_CONTEXT,
+                    });
+                contexts.on_capsule(&capsule).map(|_| ())
+            })
+            .map_err(|e| OpenError::Protocol(BindProtocolError::Capsule(e.to_string())))?;
+        if acked {
+            return Ok(reader);
+        }
     }
 }
 

@@ -34,11 +34,11 @@ impl Tunnel {
                     .enable_datagram(true)
                     .build::<_, _, Bytes>(h3_quinn::Connection::new(conn.clone()))
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(ConnectError::Http3)?;
                 tokio::spawn(async move {
                     let _ = driver.wait_idle().await;
                 });
-                Ok::<_, String>(Live {
+                Ok::<_, ConnectError>(Live {
                     conn,
                     requests,
                     binds: Arc::new(Mutex::new(HashMap::new())),
@@ -125,19 +125,33 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The application error code a connection is closed with when a fresh one replaces it.
 const REPLACED: quinn::VarInt = quinn::VarInt::from_u32(1);
 
+/// Why a connection to the relay could not be set up.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    /// The endpoint refused to start a connection (a bad server name, say).
+    #[error("{0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// No handshake within its time.
+    #[error("handshake timed out")]
+    Timeout,
+    /// The handshake failed.
+    #[error("{0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// HTTP/3 could not start on the connection.
+    #[error("HTTP/3: {0}")]
+    Http3(h3::error::ConnectionError),
+}
+
 /// A connection handshake with the relay, bounded by `timeout`.
 async fn handshake(
     endpoint: &quinn::Endpoint,
     config: &TunnelConfig,
     timeout: Duration,
-) -> Result<quinn::Connection, String> {
-    let connecting = endpoint
-        .connect(config.relay, &config.server_name)
-        .map_err(|e| e.to_string())?;
-    tokio::time::timeout(timeout, connecting)
+) -> Result<quinn::Connection, ConnectError> {
+    let connecting = endpoint.connect(config.relay, &config.server_name)?;
+    Ok(tokio::time::timeout(timeout, connecting)
         .await
-        .map_err(|_| "handshake timed out".to_owned())?
-        .map_err(|e| e.to_string())
+        .map_err(|_| ConnectError::Timeout)??)
 }
 
 /// Resolves to a fresh connection once `conn` has heard nothing from the relay for

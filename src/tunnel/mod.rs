@@ -67,6 +67,7 @@ impl TunnelState {
 
 /// Why a request through the tunnel failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum OpenError {
     /// The tunnel is not connected.
     #[error("the relay is not connected")]
@@ -79,9 +80,58 @@ pub enum OpenError {
         /// The `Proxy-Status` header, if any.
         proxy_status: String,
     },
-    /// The request failed on the way (stream or connection error, timeout).
+    /// The request's stream, or the connection under it, failed (h3's errors are neither
+    /// `Clone` nor `PartialEq`: kept as their text).
     #[error("request failed: {0}")]
-    Failed(String),
+    Stream(String),
+    /// The relay did not answer in time.
+    #[error("no {0} from the relay in time")]
+    Timeout(Awaited),
+    /// The relay answered but broke the bind protocol.
+    #[error("the relay broke the bind protocol: {0}")]
+    Protocol(BindProtocolError),
+    /// The request's task ended before it had an answer.
+    #[error("the request was abandoned")]
+    Abandoned,
+}
+
+/// What a request waited for when its time ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Awaited {
+    /// The response to a request.
+    Response,
+    /// The acknowledgement of a bind's uncompressed context.
+    ContextAck,
+    /// A whole bind request, response and acknowledgement.
+    Bind,
+}
+
+impl std::fmt::Display for Awaited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Response => "response",
+            Self::ContextAck => "acknowledgement of the uncompressed context",
+            Self::Bind => "bind",
+        })
+    }
+}
+
+/// How a relay's answer to a bind request broke the protocol.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BindProtocolError {
+    /// A 2xx without `connect-udp-bind: ?1`.
+    #[error("it did not grant connect-udp-bind")]
+    NotGranted,
+    /// A 2xx without a usable `proxy-public-address`.
+    #[error("it sent no proxy-public-address")]
+    NoPublicAddress,
+    /// The stream ended before the uncompressed context was acknowledged.
+    #[error("the bind closed before its context was acknowledged")]
+    ClosedBeforeAck,
+    /// A capsule the bind's contexts cannot take.
+    #[error("{0}")]
+    Capsule(String),
 }
 
 /// A live connection to the relay.
@@ -205,7 +255,7 @@ impl Live {
     /// `NotConnected`, not a failure of that request.
     fn explain(&self, e: OpenError) -> OpenError {
         match e {
-            OpenError::Failed(_) if self.conn.close_reason().is_some() => OpenError::NotConnected,
+            OpenError::Stream(_) if self.conn.close_reason().is_some() => OpenError::NotConnected,
             e => e,
         }
     }
@@ -214,8 +264,8 @@ impl Live {
 async fn response(stream: &mut ClientStream) -> Result<http::Response<()>, OpenError> {
     let resp = tokio::time::timeout(Duration::from_secs(10), stream.recv_response())
         .await
-        .map_err(|_| OpenError::Failed("no response from the relay".into()))?
-        .map_err(|e| OpenError::Failed(e.to_string()))?;
+        .map_err(|_| OpenError::Timeout(Awaited::Response))?
+        .map_err(|e| OpenError::Stream(e.to_string()))?;
     if resp.status().is_success() {
         return Ok(resp);
     }

@@ -15,11 +15,11 @@ impl Tunnel {
             .uri(target.to_string())
             .header(HEADER_USER, user)
             .body(())
-            .map_err(|e| OpenError::Failed(e.to_string()))?;
+            .map_err(|e| OpenError::Stream(e.to_string()))?;
         let mut requests = live.requests.clone();
         let result = match requests.send_request(req).await {
             Ok(mut stream) => response(&mut stream).await.map(|_| TcpTunnel { stream }),
-            Err(e) => Err(OpenError::Failed(e.to_string())),
+            Err(e) => Err(OpenError::Stream(e.to_string())),
         };
         result.map_err(|e| live.explain(e))
     }

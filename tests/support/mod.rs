@@ -2,8 +2,10 @@
 //! echo server, the pinned Python client environment. Everything spawned is torn down on drop.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod cgroup;
 pub mod dante;
 pub mod netns;
+pub mod sip;
 
 pub use netns::in_netns;
 
@@ -15,6 +17,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+/// Seconds since the Unix epoch, as the Python clients print their timestamps.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
 
 /// The `veil` binary under test.
 pub fn veil() -> Command {
@@ -90,13 +99,17 @@ pub struct Daemon {
 
 impl Daemon {
     /// Spawns `cmd` with its stderr captured; waits for the `listen=` line of its ready message.
-    pub fn spawn(mut cmd: Command) -> Self {
+    /// It logs at debug level (or `$VEIL_TEST_LOG`).
+    pub fn spawn(cmd: Command) -> Self {
+        let filter = std::env::var("VEIL_TEST_LOG")
+            .unwrap_or_else(|_| "debug,quinn=info,h3=info,rustls=info".to_owned());
+        Self::spawn_logging(cmd, &filter)
+    }
+
+    /// [`Daemon::spawn`] with the log filter `filter` (`VEIL_LOG`).
+    pub fn spawn_logging(mut cmd: Command, filter: &str) -> Self {
         let mut child = cmd
-            .env(
-                "VEIL_LOG",
-                std::env::var("VEIL_TEST_LOG")
-                    .unwrap_or_else(|_| "debug,quinn=info,h3=info,rustls=info".to_owned()),
-            )
+            .env("VEIL_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -136,6 +149,11 @@ impl Daemon {
             log,
             _reader: Some(reader),
         }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Log lines so far.

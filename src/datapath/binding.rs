@@ -10,7 +10,7 @@
 
 use super::state::{Counters, DropReason, PolicyVersion};
 use crate::policy::User;
-use crate::tunnel::{Bind, OpenError, SendError, Tunnel, TunnelState};
+use crate::tunnel::{Awaited, Bind, OpenError, SendError, Tunnel, TunnelState};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use std::future::Future;
@@ -191,7 +191,7 @@ impl Binding {
         self.opening = Some(tokio::spawn(async move {
             tokio::time::timeout(OPEN_TIMEOUT, tunnel.open_bind(&user, port))
                 .await
-                .unwrap_or_else(|_| Err(OpenError::Failed("bind request timed out".into())))
+                .unwrap_or_else(|_| Err(OpenError::Timeout(Awaited::Bind)))
         }));
     }
 
@@ -251,32 +251,30 @@ impl Binding {
             return Poll::Pending;
         };
         self.opening = None;
-        Poll::Ready(
-            match result.unwrap_or_else(|e| Err(OpenError::Failed(e.to_string()))) {
-                Ok(mut bind) => {
-                    let (standing, mut dropped) = self.holding.release(policy.load().generation);
-                    let mut sent = 0;
-                    for (target, payload) in standing {
-                        match bind.send(target, &payload) {
-                            Ok(()) => sent += 1,
-                            Err(_) => dropped += 1,
-                        }
-                    }
-                    let public = bind.public_address();
-                    self.public_port = Some(public.port());
-                    self.bind = Some(bind);
-                    BindEvent::Opened {
-                        public,
-                        sent,
-                        dropped,
+        Poll::Ready(match result.unwrap_or(Err(OpenError::Abandoned)) {
+            Ok(mut bind) => {
+                let (standing, mut dropped) = self.holding.release(policy.load().generation);
+                let mut sent = 0;
+                for (target, payload) in standing {
+                    match bind.send(target, &payload) {
+                        Ok(()) => sent += 1,
+                        Err(_) => dropped += 1,
                     }
                 }
-                Err(error) => BindEvent::Failed {
-                    error,
-                    dropped: self.holding.fail(),
-                },
+                let public = bind.public_address();
+                self.public_port = Some(public.port());
+                self.bind = Some(bind);
+                BindEvent::Opened {
+                    public,
+                    sent,
+                    dropped,
+                }
+            }
+            Err(error) => BindEvent::Failed {
+                error,
+                dropped: self.holding.fail(),
             },
-        )
+        })
     }
 }
 
