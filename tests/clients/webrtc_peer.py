@@ -137,6 +137,13 @@ async def main():
     if "t" in connected_at:
         result["setup_ms"] = round((connected_at["t"] - started) * 1000)
     print(json.dumps(result), flush=True)
+    # Hang up only once the other peer has its result too: each stops receiving a moment after
+    # its own first frame, and a hang-up it sees first would read as a call that did not last.
+    write_file(os.path.join(signal_dir, role + ".done"), {"t": time.time()})
+    other_done = os.path.join(signal_dir, ("answer" if role == "offer" else "offer") + ".done")
+    deadline = time.time() + 10
+    while not os.path.exists(other_done) and time.time() < deadline:
+        await asyncio.sleep(0.05)
     await pc.close()
 
 
