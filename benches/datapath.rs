@@ -339,7 +339,8 @@ fn start_relay(ns: Option<&str>, pki: &Path, name: &str, extra: &str) -> (Daemon
 
 /// Writes a relay-everything policy in `dir/NAME-policies` and `pki/NAME.toml` for a sidecar
 /// whose tunnel goes to `relay` (plus `extra` lines), starts it (inside `ns` if given), and
-/// returns it with its SOCKS5 address.
+/// returns it with its SOCKS5 address. `max_sessions` is high because one user opens every
+/// association here, and an owner may hold an eighth of the sessions.
 fn start_sidecar(
     ns: Option<&str>,
     pki: &Path,
@@ -355,7 +356,7 @@ fn start_sidecar(
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:0\"\npolicy_dir = \"{}\"\ncontrol = \"{}\"\n[relay]\naddress = \"{relay}\"\nserver_name = \"localhost\"\nca = \"ca.crt\"\ncertificate = \"bench.crt\"\nprivate_key = \"bench.key\"\n{extra}",
+            "listen = \"127.0.0.1:0\"\nmax_sessions = 100000\npolicy_dir = \"{}\"\ncontrol = \"{}\"\n[relay]\naddress = \"{relay}\"\nserver_name = \"localhost\"\nca = \"ca.crt\"\ncertificate = \"bench.crt\"\nprivate_key = \"bench.key\"\n{extra}",
             policy.display(),
             dir.join(format!("{name}-control")).display()
         ),
