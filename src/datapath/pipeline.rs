@@ -93,6 +93,11 @@ impl<'a> Pipeline<'a> {
         }
     }
 
+    /// The sidecar's state.
+    pub(crate) fn shared(&self) -> &'a Shared {
+        self.shared
+    }
+
     /// The user whose app socket this is.
     pub(crate) fn user(&self) -> &User {
         &self.user

@@ -12,7 +12,7 @@ pub use super::shared::Config;
 use super::codec::{Command, Reply};
 use super::connect::connect;
 use super::session::{SessionError, handshake, refuse};
-use super::shared::{Owner, Socks5};
+use super::shared::{Hold, Owner, Socks5};
 use super::udp::{UdpSession, associate};
 use crate::datapath::state::Handle;
 use crate::identity;
@@ -117,25 +117,27 @@ impl Server {
             let shared = self.shared.clone();
             // A clone, not a child token: nothing cancels one alone, and a child costs a tree
             // node each (memory per idle association).
-            let token = shutdown.clone();
+            let client = Box::new(Client {
+                stream,
+                peer,
+                uid,
+                shutdown: shutdown.clone(),
+                hold: Hold {
+                    _owner: owner_slot,
+                    _permit: permit,
+                },
+            });
+            // The task's future keeps what it captures for its whole life, so it captures two
+            // pointers: the set-up runs boxed and is freed when done, and what a UDP
+            // association keeps is moved into its loop (memory per idle association).
             tasks.spawn(async move {
-                // Set-up runs boxed and is freed when done: a UDP association's long-lived
-                // task holds only its loop's state (memory per idle association).
-                // `session` is moved into the loop's future before it is awaited, so the task
+                // `session` moves into the loop's future before it is awaited, so the task
                 // holds one copy of it, not two.
-                let _owner_slot = owner_slot;
-                let run = match Box::pin(serve(&shared, stream, peer, uid, token)).await {
-                    Ok(Some(session)) => session.run(),
-                    Ok(None) => return,
-                    Err(e) => {
-                        debug!(client = %peer, error = %e, "session ended");
-                        return;
-                    }
+                let run = match Box::pin(serve(&shared, client)).await {
+                    Some(session) => session.run(),
+                    None => return,
                 };
-                if let Err(e) = run.await {
-                    debug!(client = %peer, error = %e, "session ended");
-                }
-                drop(permit);
+                run.await;
             });
         }
         tasks.close();
@@ -151,15 +153,37 @@ impl Server {
     }
 }
 
-/// A session's set-up: handshake, login and request. A CONNECT runs to its end here; a UDP
-/// ASSOCIATE that was answered is returned, to run without the set-up's state.
-async fn serve<'a>(
-    server: &'a Socks5,
-    mut stream: TcpStream,
+/// An accepted client, with what it holds while its session lasts.
+struct Client {
+    stream: TcpStream,
     peer: SocketAddr,
     uid: Option<u32>,
     shutdown: CancellationToken,
-) -> Result<Option<UdpSession<'a>>, SessionError> {
+    hold: Hold,
+}
+
+/// A session's set-up: handshake, login and request. A CONNECT runs to its end here; a UDP
+/// ASSOCIATE that was answered is returned, to run without the set-up's state. Logs why a
+/// session ended early.
+async fn serve(server: &Socks5, client: Box<Client>) -> Option<UdpSession<'_>> {
+    let peer = client.peer;
+    match set_up(server, *client).await {
+        Ok(session) => session,
+        Err(e) => {
+            debug!(client = %peer, error = %e, "session ended");
+            None
+        }
+    }
+}
+
+async fn set_up(server: &Socks5, client: Client) -> Result<Option<UdpSession<'_>>, SessionError> {
+    let Client {
+        mut stream,
+        peer,
+        uid,
+        shutdown,
+        hold,
+    } = client;
     let _ = stream.set_nodelay(true);
     let handshake = handshake(server, &mut stream, peer, uid);
     let (user, uid, request) = tokio::select! {
@@ -206,13 +230,13 @@ async fn serve<'a>(
             )
             .await?;
             Ok(Some(UdpSession {
-                shared: &server.state.shared,
                 control,
                 peer,
                 client,
                 pipeline,
                 shutdown,
                 slot,
+                hold,
                 turn: 0,
             }))
         }

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::OwnedSemaphorePermit;
 
 /// How the server is set up.
 #[derive(Debug, Clone)]
@@ -56,6 +57,13 @@ pub(super) struct Socks5 {
 pub(super) enum Owner {
     Uid(u32),
     Remote(IpAddr),
+}
+
+/// What a session holds until it ends: its owner's share and its place among the server's
+/// `max_clients`.
+pub(super) struct Hold {
+    pub(super) _owner: OwnerSlot,
+    pub(super) _permit: OwnedSemaphorePermit,
 }
 
 /// One connection's place in its owner's count; released on drop.

@@ -5,7 +5,7 @@
 
 use super::codec::{self, Address, Reply};
 use super::session::{SessionError, refuse, resolve};
-use super::shared::Socks5;
+use super::shared::{Hold, Socks5};
 use crate::batch::Sent;
 use crate::datapath::association::{Admission, Association};
 use crate::datapath::binding::Binding;
@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// The association's socket facing the client, and what the SOCKS5 UDP header needs.
 pub(super) struct ClientSide {
@@ -66,14 +66,14 @@ struct Unresolved {
 impl ClientSide {
     /// Handles datagrams waiting on the client socket, a burst per `recvmmsg`, handing each to
     /// `pipeline`. Returns those that need a name resolved first.
-    fn drain(&self, shared: &Shared, pipeline: &mut Pipeline<'_>) -> Vec<Unresolved> {
+    fn drain(&self, pipeline: &mut Pipeline<'_>) -> Vec<Unresolved> {
         let mut pending = Vec::new();
         for _ in 0..BATCH / 16 {
             let received = crate::batch::recv_burst(&self.socket, self.v6, |from, slot, n| {
                 let datagram = slot
                     .get(crate::HEADROOM..crate::HEADROOM + n)
                     .unwrap_or_default();
-                pending.extend(self.datagram(shared, pipeline, from, datagram));
+                pending.extend(self.datagram(pipeline, from, datagram));
             });
             if received.is_err() {
                 break;
@@ -86,11 +86,11 @@ impl ClientSide {
     /// header parsed, its target resolved from the table or left for [`ClientSide::resolve`].
     fn datagram(
         &self,
-        shared: &Shared,
         pipeline: &mut Pipeline<'_>,
         from: SocketAddr,
         datagram: &[u8],
     ) -> Option<Unresolved> {
+        let shared = pipeline.shared();
         let counters = &shared.counters;
         match pipeline.association().admit_client(from) {
             Ok(Admission::Client) => {}
@@ -145,9 +145,16 @@ impl ClientSide {
         None
     }
 
+    /// Resolves each datagram's domain target and hands it to `pipeline`, in order.
+    async fn resolve_all(&mut self, pipeline: &mut Pipeline<'_>, pending: Vec<Unresolved>) {
+        for datagram in pending {
+            self.resolve(pipeline, datagram).await;
+        }
+    }
+
     /// Resolves a datagram's domain target (once per association, up to its flow limit) and
     /// hands it to `pipeline`.
-    async fn resolve(&mut self, shared: &Shared, pipeline: &mut Pipeline<'_>, pending: Unresolved) {
+    async fn resolve(&mut self, pipeline: &mut Pipeline<'_>, pending: Unresolved) {
         let key = (pending.name, pending.port);
         let resolved = if self.names.len() >= self.max_names {
             None
@@ -155,7 +162,7 @@ impl ClientSide {
             resolve(&Address::Domain(key.0.clone(), key.1)).await
         };
         let Some(addr) = resolved else {
-            shared.counters.drop(DropReason::Unresolved);
+            pipeline.shared().counters.drop(DropReason::Unresolved);
             return;
         };
         self.names.insert(key, addr);
@@ -264,7 +271,6 @@ pub(super) async fn associate<'a>(
 
 /// An answered UDP ASSOCIATE: what its loop needs, and nothing of its set-up.
 pub(super) struct UdpSession<'a> {
-    pub(super) shared: &'a Shared,
     pub(super) control: TcpStream,
     pub(super) peer: SocketAddr,
     pub(super) client: ClientSide,
@@ -273,6 +279,8 @@ pub(super) struct UdpSession<'a> {
     /// The session's place in its user's count (and its packet-rate bucket): held until the
     /// loop ends.
     pub(super) slot: SessionSlot<'a>,
+    /// The client's share of the server: held until the loop ends.
+    pub(super) hold: Hold,
     /// Which source [`poll_ready`] looks at first.
     pub(super) turn: usize,
 }
@@ -280,39 +288,45 @@ pub(super) struct UdpSession<'a> {
 impl<'a> UdpSession<'a> {
     /// Runs the association until its control connection ends or `shutdown`. (An `async
     /// move` block rather than an `async fn`, which would keep `self` twice in the session's
-    /// future: rust-lang/rust#62958.)
+    /// future: rust-lang/rust#62958.) Its one long wait is the `select!`: the rare wait for
+    /// a name is boxed, so an idle association's future is not sized by it.
     #[allow(clippy::manual_async_fn)]
-    pub(super) fn run(mut self) -> impl Future<Output = Result<(), SessionError>> + 'a {
+    pub(super) fn run(mut self) -> impl Future<Output = ()> + 'a {
         async move {
             self.pipeline.open_bind();
             loop {
-                tokio::select! {
+                let ready = tokio::select! {
                     biased;
                     _ = self.shutdown.cancelled() => break,
-                    r = std::future::poll_fn(|cx| poll_ready(cx, &mut self.turn, &self.control, &self.client.socket, &mut self.pipeline)) => match r? {
-                        // RFC 1928 §7: the association ends when its TCP connection does.
-                        Ready::Control => match self.control.try_read(&mut [0u8; 64]) {
-                            Ok(0) => break,
-                            Err(e) if e.kind() != io::ErrorKind::WouldBlock => break,
-                            _ => {}
-                        },
-                        Ready::Client => {
-                            for pending in self.client.drain(self.shared, &mut self.pipeline) {
-                                Box::pin(self.client.resolve(self.shared, &mut self.pipeline, pending)).await;
-                            }
-                        }
-                        Ready::Return(returned) => {
-                            self.pipeline.deliver(returned, &self.client, self.peer);
-                        }
+                    r = std::future::poll_fn(|cx| poll_ready(cx, &mut self.turn, &self.control, &self.client.socket, &mut self.pipeline)) => r,
+                };
+                let pending = match ready {
+                    Err(e) => {
+                        debug!(client = %self.peer, error = %e, "session ended");
+                        break;
+                    }
+                    // RFC 1928 §7: the association ends when its TCP connection does.
+                    Ok(Ready::Control) => match self.control.try_read(&mut [0u8; 64]) {
+                        Ok(0) => break,
+                        Err(e) if e.kind() != io::ErrorKind::WouldBlock => break,
+                        _ => Vec::new(),
                     },
+                    Ok(Ready::Client) => self.client.drain(&mut self.pipeline),
+                    Ok(Ready::Return(returned)) => {
+                        self.pipeline.deliver(returned, &self.client, self.peer);
+                        Vec::new()
+                    }
+                };
+                if !pending.is_empty() {
+                    Box::pin(self.client.resolve_all(&mut self.pipeline, pending)).await;
                 }
                 self.pipeline.open_bind();
             }
             info!(user = %self.pipeline.user(), client = %self.peer, flows = self.pipeline.flow_count(), "udp association closed");
-            // Named so the loop's future owns it: an `async move` block captures only the
+            // Named so the loop's future owns them: an `async move` block captures only the
             // fields of `self` it uses.
             drop(self.slot);
-            Ok(())
+            drop(self.hold);
         }
     }
 }
