@@ -73,10 +73,28 @@ fn listener(addr: SocketAddr) -> Result<UdpSocket, Error> {
     UdpSocket::from_std(s.into()).map_err(fail)
 }
 
+/// Whose app sockets a listener serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Apps {
+    /// Sockets on the host: the kernel names each one's owner.
+    Host,
+    /// A confined view ([`crate::confine`]): everything sent from it is its user's, and
+    /// replies leave by its host end (every view has the same app address, so only the
+    /// device tells them apart).
+    View {
+        /// The view's user.
+        uid: u32,
+        /// Its host end.
+        device: String,
+    },
+}
+
 /// Transparent sockets bound to peers' addresses, to answer apps as their peers.
 #[derive(Debug, Default)]
 struct ReplySockets {
     sockets: Mutex<HashMap<SocketAddr, Arc<socket2::Socket>>>,
+    /// The device replies leave by (a view's host end), if not by the routing table's choice.
+    device: Option<std::ffi::OsString>,
 }
 
 impl ReplySockets {
@@ -90,6 +108,9 @@ impl ReplySockets {
             return Ok(s.clone());
         }
         let s = transparent_socket(from)?;
+        if let Some(device) = &self.device {
+            setsockopt(&s, sockopt::BindToDevice, device)?;
+        }
         s.bind(&from.into())?;
         let s = Arc::new(s);
         if map.len() >= MAX_REPLY_SOCKETS {
@@ -183,11 +204,12 @@ impl PublicPorts {
     }
 }
 
-/// Runs the transparent listener on `port` of 127.0.0.1 (and ::1 if the host has IPv6) until
-/// `shutdown`.
+/// Runs the transparent listener for `apps` on `port` of 127.0.0.1 (and ::1 if the host has
+/// IPv6) until `shutdown`.
 pub async fn run(
     handle: Handle,
     port: u16,
+    apps_of: Apps,
     ports: Arc<PublicPorts>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
@@ -199,8 +221,19 @@ pub async fn run(
             None
         }
     };
-    info!(port, "transparent interception ready");
-    let replies = Arc::new(ReplySockets::default());
+    let device = match &apps_of {
+        Apps::Host => None,
+        Apps::View { device, .. } => Some(device.clone()),
+    };
+    info!(
+        port,
+        view = device.as_deref().unwrap_or("none"),
+        "transparent interception ready"
+    );
+    let replies = Arc::new(ReplySockets {
+        sockets: Mutex::default(),
+        device: device.map(Into::into),
+    });
     let mut apps: HashMap<SocketAddr, mpsc::Sender<(SocketAddr, Bytes)>> = HashMap::new();
     let mut sweep = tokio::time::interval(Duration::from_secs(10));
     loop {
@@ -238,8 +271,15 @@ pub async fn run(
                                 shutdown.clone(),
                                 ports.clone(),
                             );
+                            let apps_of = apps_of.clone();
                             tokio::spawn(async move {
-                                app(handle, source, original, rx, replies, ports, token).await
+                                let (user, via) = match apps_of {
+                                    Apps::Host => (owner(source, original), "transparent"),
+                                    Apps::View { uid, .. } => {
+                                        (identity::user_of_uid(uid).ok(), "confined")
+                                    }
+                                };
+                                app(handle, source, (user, via), rx, replies, ports, token).await
                             });
                             apps.insert(source, tx.clone());
                             tx
@@ -277,18 +317,19 @@ fn owner(source: SocketAddr, destination: SocketAddr) -> Option<User> {
     identity::user_of_uid(uid).ok()
 }
 
-/// One app socket: its datagrams go through its [`Pipeline`]; replies reach it as its peers.
+/// One app socket of `owner` (None: no socket sends from there), caught on the way `via`
+/// names: its datagrams go through its [`Pipeline`]; replies reach it as its peers.
 async fn app(
     handle: Handle,
     source: SocketAddr,
-    first_destination: SocketAddr,
+    (owner, via): (Option<User>, &'static str),
     mut rx: mpsc::Receiver<(SocketAddr, Bytes)>,
     replies: Arc<ReplySockets>,
     ports: Arc<PublicPorts>,
     shutdown: CancellationToken,
 ) {
     let shared: &Shared = &handle.shared;
-    let Some(user) = owner(source, first_destination) else {
+    let Some(user) = owner else {
         // No socket sends from there (a raw socket's forgery, or one already closed): counted
         // and logged at a bounded rate, since each forged source port comes here once.
         while rx.try_recv().is_ok() {
@@ -306,7 +347,7 @@ async fn app(
     // The kernel named the socket's owner above: it is the client.
     association.claim(source);
     info!(user = %user, client = %source, "app socket intercepted");
-    let live = shared.registry.open(user.name(), source, "transparent");
+    let live = shared.registry.open(user.name(), source, via);
     // Opened in the background, with the public port this app socket had (before a restart,
     // say); the first datagrams wait for it (`Binding`).
     let binding = Binding::new(None, ports.get(source));

@@ -18,7 +18,8 @@
 //! - [`policy`]: per-user policy files, loaded and decided; [`traffic`] classifies a flow's
 //!   first packet.
 //! - [`firewall`]: the kernel kill switch (nftables, policy routing, the eBPF egress lock) and
-//!   its guard.
+//!   its guard; [`confine`]: confined network views (a namespace per user with placeholder
+//!   addresses), the third way in.
 //! - [`control`] (`veil status`, metrics), [`status`] (their text), [`notify`] (systemd),
 //!   [`identity`] (who owns a socket: sock_diag).
 //!
@@ -27,12 +28,15 @@
 //! - [`masque`]: MASQUE's wire formats and per-request context tables, sans IO.
 //!
 //! Shared:
-//! - [`pki`]: certificates and TLS configurations; [`rate`]: the token bucket.
+//! - [`pki`]: certificates and TLS configurations; [`rate`]: the token bucket; [`command`]:
+//!   running `nft` and `ip`.
 //! - `batch` (recvmmsg / GSO sends), `pump` (TCP over a request stream), `reuseport`
 //!   (steering QUIC packets to shards), `platform` (the one module with `unsafe`: bpf(2),
 //!   socket options).
 
 pub(crate) mod batch;
+pub mod command;
+pub mod confine;
 pub mod control;
 pub mod datapath;
 pub mod firewall;

@@ -37,8 +37,6 @@ pub mod guard;
 pub mod lock;
 
 use std::fmt::Write as _;
-use std::io::Write as _;
-use std::process::{Command, Stdio};
 
 /// The nftables table veil owns (family `inet`).
 pub const TABLE: &str = "veil";
@@ -70,6 +68,18 @@ pub struct Interception {
     pub port: u16,
     /// The fwmark (and routing table) for intercepted packets.
     pub mark: u32,
+    /// Confined views ([`crate::confine`]), by their host ends.
+    pub views: Vec<ViewEnd>,
+}
+
+/// The host end of a confined view, as the firewall sees it: what arrives on `device` goes to
+/// veil's listener on `port`, or nowhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewEnd {
+    /// The host end's device.
+    pub device: String,
+    /// veil's TPROXY listener for the view, on 127.0.0.1 and ::1.
+    pub port: u16,
 }
 
 /// A cgroup v2 whose processes' UDP is managed, as nftables' `socket cgroupv2` names it.
@@ -167,25 +177,12 @@ pub fn user_slices(uids: &[u32]) -> Vec<ManagedCgroup> {
 /// Why the firewall could not be changed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A command could not be run.
-    #[error("running {command}: {source}")]
-    Spawn {
-        /// The command.
-        command: String,
-        /// Why.
-        source: std::io::Error,
-    },
+    /// `nft` or `ip` did not succeed.
+    #[error(transparent)]
+    Command(#[from] crate::command::Error),
     /// The egress lock could not be put in place.
     #[error(transparent)]
     Lock(#[from] lock::Error),
-    /// A command failed.
-    #[error("{command} failed: {stderr}")]
-    Failed {
-        /// The command.
-        command: String,
-        /// What it printed.
-        stderr: String,
-    },
 }
 
 fn set(out: &mut String, name: &str, kind: &str, ids: &[u32]) {
@@ -226,10 +223,24 @@ pub fn ruleset(i: &Interception) -> String {
         );
     }
     out.push_str("  }\n");
+    out.push_str(
+        "  chain prerouting {\n    type filter hook prerouting priority mangle; policy accept;\n",
+    );
+    // A confined view's UDP to veil's listener for it; its neighbour discovery with the host
+    // end (addressed to the link, never forwarded); everything else from it is dropped.
+    for v in &i.views {
+        let (dev, vport) = (&v.device, v.port);
+        let _ = writeln!(
+            out,
+            "    iifname \"{dev}\" meta l4proto udp meta nfproto ipv4 tproxy ip to 127.0.0.1:{vport} meta mark set {mark} accept\n    \
+             iifname \"{dev}\" meta l4proto udp meta nfproto ipv6 tproxy ip6 to [::1]:{vport} meta mark set {mark} accept\n    \
+             iifname \"{dev}\" icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} ip6 hoplimit 255 accept\n    \
+             iifname \"{dev}\" drop"
+        );
+    }
     let _ = writeln!(
         out,
-        "  chain prerouting {{\n    type filter hook prerouting priority mangle; policy accept;\n    \
-         meta l4proto udp meta mark {mark} meta nfproto ipv4 tproxy ip to 127.0.0.1:{port} accept\n    \
+        "    meta l4proto udp meta mark {mark} meta nfproto ipv4 tproxy ip to 127.0.0.1:{port} accept\n    \
          meta l4proto udp meta mark {mark} meta nfproto ipv6 tproxy ip6 to [::1]:{port} accept\n    \
          meta l4proto udp meta mark {mark} drop\n  }}"
     );
@@ -275,36 +286,7 @@ pub fn ruleset(i: &Interception) -> String {
 }
 
 fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Error> {
-    let command = format!("{program} {}", args.join(" "));
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| Error::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        let _ = pipe.write_all(text.as_bytes());
-    }
-    let out = child.wait_with_output().map_err(|source| Error::Spawn {
-        command: command.clone(),
-        source,
-    })?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(Error::Failed {
-            command,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        })
-    }
+    Ok(crate::command::run(program, args, stdin)?)
 }
 
 /// The listing of veil's table as this process last wrote it, to compare the live one with.
@@ -384,7 +366,7 @@ fn egress_lock(i: &Interception) -> Result<lock::Lock, Error> {
 /// them) and the lock's error is returned after them.
 pub fn install(i: &Interception) -> Result<(), Error> {
     let locked = egress_lock(i).and_then(|lock| Ok(lock.ensure()?));
-    routing(i.mark)?;
+    routing(i)?;
     remove_legacy(i.mark);
     apply(i)?;
     locked.map(drop)
@@ -417,7 +399,7 @@ fn check_and_repair(i: &Interception) -> Result<Damage, Error> {
     for r in lock.ensure()? {
         damage.push(format!("egress lock {}: {}", r.pin.display(), r.problem));
     }
-    damage.extend(routing(i.mark)?);
+    damage.extend(routing(i)?);
     let written = WRITTEN.lock().ok().and_then(|w| w.clone());
     match (listing(), written) {
         (None, _) => damage.push(format!("nftables table inet {TABLE}: removed")),
@@ -442,9 +424,16 @@ fn check_and_repair(i: &Interception) -> Result<Damage, Error> {
     Ok(damage)
 }
 
+/// The priority of the rules that blackhole what arrives unmarked from a confined view: after
+/// the fwmark rule (marked packets are veil's), before the main table.
+fn view_rule_priority(mark: u32) -> String {
+    mark.saturating_add(1).to_string()
+}
+
 /// Puts the policy routing in place where it is missing; says what was missing.
-fn routing(mark: u32) -> Result<Damage, Error> {
+fn routing(i: &Interception) -> Result<Damage, Error> {
     let mut damage = Damage::new();
+    let mark = i.mark;
     let hex = format!("{mark:#x}");
     let table = mark.to_string();
     for (family, all) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
@@ -476,6 +465,25 @@ fn routing(mark: u32) -> Result<Damage, Error> {
                 None,
             )?;
         }
+        for v in &i.views {
+            if !rules.contains(&format!("iif {} blackhole", v.device)) {
+                damage.push(format!("rule {family} iif {} blackhole: missing", v.device));
+                run(
+                    "ip",
+                    &[
+                        family,
+                        "rule",
+                        "add",
+                        "iif",
+                        &v.device,
+                        "blackhole",
+                        "priority",
+                        &view_rule_priority(mark),
+                    ],
+                    None,
+                )?;
+            }
+        }
     }
     Ok(damage)
 }
@@ -500,14 +508,17 @@ pub fn remove(mark: u32) -> Result<(), Error> {
         let table = mark.to_string();
         while run("ip", &[family, "rule", "del", "lookup", &table], None).is_ok() {}
         let _ = run("ip", &[family, "route", "flush", "table", &table], None);
+        let views = view_rule_priority(mark);
+        while run("ip", &[family, "rule", "del", "priority", &views], None).is_ok() {}
     }
     remove_legacy(mark);
     lock::Lock::new(&[], &[])?.remove()?;
     if listing().is_some() {
-        return Err(Error::Failed {
+        return Err(crate::command::Error::Failed {
             command: format!("nft delete table inet {TABLE}"),
             stderr: "the table is still there".to_owned(),
-        });
+        }
+        .into());
     }
     Ok(())
 }
@@ -526,6 +537,7 @@ mod tests {
             inbound_cgroups: vec![],
             port: 15353,
             mark: 0x1e11,
+            views: vec![],
         });
         let lines: Vec<&str> = text.lines().map(str::trim).collect();
         assert_eq!(
@@ -554,12 +566,47 @@ mod tests {
             lines.contains(&"meta l4proto != tcp meta skuid @managed_uids oifname != \"lo\" drop")
         );
         assert!(lines.contains(&"meta l4proto udp iifname != \"lo\" ct mark 0x1e11 drop"));
+        // Without views, nothing matches an incoming device.
+        assert!(!text.contains("iifname \"vc-"));
         // The kernel's ICMP errors about intercepted flows stay in too.
         assert!(
             lines.contains(
                 &"meta l4proto { icmp, ipv6-icmp } ct mark 0x1e11 oifname != \"lo\" drop"
             )
         );
+    }
+
+    #[test]
+    fn a_view_gets_udp_to_its_listener_and_nothing_else_out() {
+        let text = ruleset(&Interception {
+            uids: vec![],
+            gids: vec![],
+            routed_uids: vec![],
+            cgroups: vec![],
+            inbound_cgroups: vec![],
+            port: 15353,
+            mark: 0x1e11,
+            views: vec![ViewEnd {
+                device: "vc-1000".into(),
+                port: 15354,
+            }],
+        });
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        let first = lines
+            .iter()
+            .position(|l| l.starts_with("iifname \"vc-1000\""))
+            .expect("view rules");
+        assert_eq!(
+            &lines[first..first + 4],
+            [
+                "iifname \"vc-1000\" meta l4proto udp meta nfproto ipv4 tproxy ip to 127.0.0.1:15354 meta mark set 0x1e11 accept",
+                "iifname \"vc-1000\" meta l4proto udp meta nfproto ipv6 tproxy ip6 to [::1]:15354 meta mark set 0x1e11 accept",
+                "iifname \"vc-1000\" icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept",
+                "iifname \"vc-1000\" drop",
+            ]
+        );
+        // In prerouting, before anything that could accept the view's packets.
+        assert!(lines[first - 1].starts_with("type filter hook prerouting"));
     }
 
     #[test]
@@ -578,6 +625,10 @@ mod tests {
             inbound_cgroups: vec![],
             port: 15353,
             mark: 0x1e11,
+            views: vec![ViewEnd {
+                device: "vc-65534".into(),
+                port: 15354,
+            }],
         });
         let out = run("nft", &["-c", "-f", "-"], Some(&text));
         assert!(out.is_ok(), "{out:?}\n{text}");
@@ -610,6 +661,7 @@ mod tests {
             inbound_cgroups: vec![],
             port: 15353,
             mark: 0x1e11,
+            views: vec![],
         });
         let sel = "socket cgroupv2 level 1 \"veil.slice\"";
         let lines: Vec<&str> = text.lines().map(str::trim).collect();

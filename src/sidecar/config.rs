@@ -23,6 +23,9 @@
 //! # ports_file = "/run/veil/ports"     # each app socket's public port, kept across restarts
 //! port = 15353                         # the listener on 127.0.0.1 and ::1
 //! mark = 7697                          # fwmark and routing table (0x1e11)
+//! confined = ["alice"]                 # a confined network view each (see `confine`), on
+//!                                      # ports port+1, port+2… in this order
+//! # netns_prefix = "veil-"             # alice's view is /run/netns/veil-alice
 //! ```
 //! Relative paths are taken from the file's directory.
 
@@ -62,6 +65,20 @@ pub struct TransparentSettings {
     pub port: u16,
     /// The fwmark / routing table.
     pub mark: u32,
+    /// Users whose apps run confined, each in a view of their own ([`crate::confine`]).
+    pub confined: Vec<String>,
+    /// The views' namespace names are this followed by the user's name.
+    pub netns_prefix: String,
+}
+
+impl TransparentSettings {
+    /// The TPROXY listener port of the `index`th confined user's view (the ports after
+    /// `port`), if it fits.
+    pub fn view_port(&self, index: usize) -> Option<u16> {
+        u16::try_from(index)
+            .ok()
+            .and_then(|i| self.port.checked_add(1)?.checked_add(i))
+    }
 }
 
 /// A validated sidecar configuration.
@@ -110,6 +127,9 @@ struct RawTransparent {
     ports_file: Option<String>,
     port: Option<u16>,
     mark: Option<u32>,
+    #[serde(default)]
+    confined: Vec<Spanned<String>>,
+    netns_prefix: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -162,14 +182,45 @@ impl SidecarConfig {
             }
             None => None,
         };
-        let transparent = raw.transparent.map(|t| TransparentSettings {
-            users: t.users,
-            groups: t.groups,
-            cgroups: t.cgroups,
-            ports_file: t.ports_file.map(|p| base.join(p)),
-            port: t.port.unwrap_or(crate::firewall::DEFAULT_PORT),
-            mark: t.mark.unwrap_or(crate::firewall::DEFAULT_MARK),
-        });
+        let transparent = match raw.transparent {
+            Some(t) => {
+                let settings = TransparentSettings {
+                    users: t.users,
+                    groups: t.groups,
+                    cgroups: t.cgroups,
+                    ports_file: t.ports_file.map(|p| base.join(p)),
+                    port: t.port.unwrap_or(crate::firewall::DEFAULT_PORT),
+                    mark: t.mark.unwrap_or(crate::firewall::DEFAULT_MARK),
+                    confined: t.confined.iter().map(|c| c.get_ref().clone()).collect(),
+                    netns_prefix: t.netns_prefix.as_ref().map_or_else(
+                        || crate::confine::DEFAULT_PREFIX.to_owned(),
+                        |p| p.get_ref().clone(),
+                    ),
+                };
+                // Each view's name and listener port, checked here so the error has a line.
+                for (index, user) in t.confined.iter().enumerate() {
+                    let port = settings.view_port(index).ok_or_else(|| {
+                        at(
+                            user.span(),
+                            "transparent.confined",
+                            &format!(
+                                "no listener port left after {} for {:?}",
+                                settings.port,
+                                user.get_ref()
+                            ),
+                        )
+                    })?;
+                    if let Err(e) =
+                        crate::confine::View::new(user.get_ref(), 1, &settings.netns_prefix, port)
+                    {
+                        let span = t.netns_prefix.as_ref().map_or(user.span(), Spanned::span);
+                        return Err(at(span, "transparent.confined", &e.to_string()));
+                    }
+                }
+                Some(settings)
+            }
+            None => None,
+        };
         let metrics = match raw.metrics {
             Some(m) => match m.get_ref().parse::<SocketAddr>() {
                 Ok(a) if a.ip().is_loopback() => Some(a),
@@ -227,6 +278,32 @@ mod tests {
             e,
             "s.toml:2:11: relay.address: expected IP:PORT, found \"nowhere\""
         );
+        let e = SidecarConfig::parse(
+            Path::new("s.toml"),
+            "[transparent]\nconfined = [\"alice\", \"../x\"]\n",
+        )
+        .expect_err("bad");
+        assert!(
+            e.starts_with("s.toml:2:22: transparent.confined: confined view \"veil-../x\""),
+            "{e}"
+        );
+        let e = SidecarConfig::parse(
+            Path::new("s.toml"),
+            "[transparent]\nport = 65535\nconfined = [\"alice\"]\n",
+        )
+        .expect_err("bad");
+        assert!(e.contains("no listener port left after 65535"), "{e}");
+        let c = SidecarConfig::parse(
+            Path::new("s.toml"),
+            "[transparent]\nconfined = [\"alice\", \"bob\"]\n",
+        )
+        .expect("valid");
+        let t = c.transparent.expect("transparent");
+        assert_eq!(
+            (t.view_port(0), t.view_port(1)),
+            (Some(15_354), Some(15_355))
+        );
+        assert_eq!(t.netns_prefix, "veil-");
         let e = SidecarConfig::parse(Path::new("s.toml"), "lisen = \"x\"\n").expect_err("bad");
         assert!(
             e.starts_with("s.toml:1:1: (file): unknown field `lisen`"),

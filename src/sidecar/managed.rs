@@ -4,7 +4,8 @@
 //! no managed cgroup may contain veil's own.
 
 use super::config::TransparentSettings;
-use crate::firewall::{Interception, ManagedCgroup};
+use crate::confine::View;
+use crate::firewall::{Interception, ManagedCgroup, ViewEnd};
 
 /// Why the managed set cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -35,6 +36,9 @@ pub enum Error {
         /// veil's own cgroup.
         own: String,
     },
+    /// A confined view that cannot be named.
+    #[error("{0}")]
+    View(String),
     /// Root among the managed users (or a managed group's members), or the root group.
     #[error("root cannot be a managed user or group: veil itself runs as root")]
     Root,
@@ -151,7 +155,39 @@ pub fn resolve(
         cgroups,
         port: t.port,
         mark: t.mark,
+        views: views(t, accounts)?
+            .into_iter()
+            .map(|v| ViewEnd {
+                device: v.device,
+                port: v.port,
+            })
+            .collect(),
     })
+}
+
+/// The confined views of `t`'s users (never root's: a view is for apps, and veil itself must
+/// not run in one).
+pub fn views(t: &TransparentSettings, accounts: &impl Accounts) -> Result<Vec<View>, Error> {
+    let mut out = Vec::new();
+    for (index, name) in t.confined.iter().enumerate() {
+        let uid = accounts
+            .uid(name)
+            .map_err(|message| Error::Lookup {
+                name: name.clone(),
+                message,
+            })?
+            .ok_or_else(|| Error::NoUser(name.clone()))?;
+        if uid == 0 {
+            return Err(Error::Root);
+        }
+        let port = t
+            .view_port(index)
+            .ok_or_else(|| Error::View(format!("no listener port left for {name:?}")))?;
+        out.push(
+            View::new(name, uid, &t.netns_prefix, port).map_err(|e| Error::View(e.to_string()))?,
+        );
+    }
+    Ok(out)
 }
 
 /// How the managed set is named in `veil status`: users, `group NAME`, `cgroup PATH`.
@@ -211,6 +247,8 @@ mod tests {
             ports_file: None,
             port: 15_353,
             mark: 0x1e11,
+            confined: vec![],
+            netns_prefix: "veil-".into(),
         }
     }
 
@@ -233,6 +271,32 @@ mod tests {
         );
         assert_eq!(i.cgroups.len(), 1);
         assert_eq!((i.port, i.mark), (15_353, 0x1e11));
+    }
+
+    #[test]
+    fn confined_users_get_a_view_each_on_the_ports_after_the_listener() {
+        let mut s = settings(&[], &[], &[]);
+        s.confined = vec!["alice".into(), "bob".into()];
+        let i = resolve(&s, &Table, OWN).expect("valid");
+        assert_eq!(
+            i.views,
+            vec![
+                ViewEnd {
+                    device: "vc-1000".into(),
+                    port: 15_354
+                },
+                ViewEnd {
+                    device: "vc-1001".into(),
+                    port: 15_355
+                }
+            ]
+        );
+        let v = views(&s, &Table).expect("views");
+        assert_eq!(v[1].netns, "veil-bob");
+        s.confined = vec!["root".into()];
+        assert_eq!(resolve(&s, &Table, OWN), Err(Error::Root));
+        s.confined = vec!["mallory".into()];
+        assert_eq!(views(&s, &Table), Err(Error::NoUser("mallory".into())));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //!   ASSOCIATE's task runs its `Pipeline` (`crate::datapath::pipeline`) to the end;
 //! - with `[transparent]`: the TPROXY listener ([`crate::intercept::run`]), one task per
 //!   intercepted app socket (each its own pipeline), and the kill switch's guard
-//!   ([`crate::firewall::guard`]);
+//!   ([`crate::firewall::guard`]); one more listener per confined view ([`crate::confine`]);
 //! - the control socket and the metrics endpoint, if configured; the systemd watchdog and the
 //!   readiness announcement.
 //!
@@ -18,8 +18,10 @@
 
 use super::config::SidecarConfig;
 use super::managed;
+use crate::confine::View;
 use crate::datapath::state::Handle;
 use crate::firewall::{self, Interception};
+use crate::intercept::Apps;
 use crate::policy::Policy;
 use crate::socks5::passwords::{self, PasswordFile};
 use crate::socks5::server::{self, Server};
@@ -64,6 +66,8 @@ pub struct Settings {
     pub interception: Option<Interception>,
     /// Where the transparent listener keeps each app socket's public port.
     pub ports_file: Option<PathBuf>,
+    /// Confined views (their host ends are in `interception`).
+    pub views: Vec<View>,
     /// The `veil status` socket.
     pub control: Option<PathBuf>,
     /// The Prometheus endpoint.
@@ -80,6 +84,7 @@ impl Settings {
             tunnel: None,
             interception: None,
             ports_file: None,
+            views: Vec::new(),
             control: None,
             metrics: None,
             managed: Vec::new(),
@@ -111,6 +116,10 @@ impl Settings {
             Some(t) => Some(managed::resolve(t, &managed::System, &own)?),
             None => None,
         };
+        let views = match &config.transparent {
+            Some(t) => managed::views(t, &managed::System)?,
+            None => Vec::new(),
+        };
         let control = crate::control::socket_path(config.control.as_ref());
         let ports_file = config.transparent.as_ref().map(|t| {
             t.ports_file.clone().unwrap_or_else(|| {
@@ -125,6 +134,7 @@ impl Settings {
             tunnel,
             interception,
             ports_file,
+            views,
             control: Some(control),
             metrics: config.metrics,
             managed: config
@@ -143,6 +153,7 @@ pub struct Sidecar {
     handle: Handle,
     interception: Option<Interception>,
     ports_file: Option<PathBuf>,
+    views: Vec<View>,
     control: Option<PathBuf>,
     metrics: Option<SocketAddr>,
     managed: Vec<String>,
@@ -168,6 +179,19 @@ impl Sidecar {
             firewall::install(i)?;
             info!(managed = ?settings.managed, port = i.port, "firewall installed");
         }
+        // After the firewall: a view's packets meet its rules from the moment it exists. A
+        // view that cannot be built stops only its own apps (nothing of theirs leaves
+        // without it), not everyone else's SOCKS5 and interception.
+        for v in &settings.views {
+            match crate::confine::ensure(v) {
+                Ok(ensured) => {
+                    info!(user = %v.user, netns = %v.netns_path().display(), device = %v.device, port = v.port, ?ensured, "confined view ready")
+                }
+                Err(e) => {
+                    error!(user = %v.user, netns = %v.netns_path().display(), error = %e, "confined view not built: its apps cannot reach anything")
+                }
+            }
+        }
         let handle = Handle::new(policy, tunnel);
         let server = Server::bind(settings.socks5, handle.clone()).await?;
         guard.disarm();
@@ -176,6 +200,7 @@ impl Sidecar {
             handle,
             interception: settings.interception,
             ports_file: settings.ports_file,
+            views: settings.views,
             control: settings.control,
             metrics: settings.metrics,
             managed: settings.managed,
@@ -209,16 +234,33 @@ impl Sidecar {
             handle,
             interception,
             ports_file,
+            views,
             control,
             metrics,
             managed,
             token,
         } = self;
         if let Some(i) = interception {
+            for v in views {
+                let (h, t) = (handle.clone(), token.clone());
+                // Every view has the same app address: each keeps its own table of ports.
+                let ports = crate::intercept::PublicPorts::load(
+                    ports_file.as_ref().map(|p| p.with_extension(&v.user)),
+                );
+                let apps = Apps::View {
+                    uid: v.uid,
+                    device: v.device.clone(),
+                };
+                tokio::spawn(async move {
+                    if let Err(e) = crate::intercept::run(h, v.port, apps, ports, t).await {
+                        error!(user = %v.user, "{e}; the confined view's UDP is dropped by the firewall");
+                    }
+                });
+            }
             let (h, t) = (handle.clone(), token.clone());
             let ports = crate::intercept::PublicPorts::load(ports_file);
             tokio::spawn(async move {
-                if let Err(e) = crate::intercept::run(h, i.port, ports, t).await {
+                if let Err(e) = crate::intercept::run(h, i.port, Apps::Host, ports, t).await {
                     error!("{e}; managed users' UDP is dropped by the firewall");
                 }
             });

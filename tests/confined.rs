@@ -1,0 +1,255 @@
+//! Confined apps: an app in a confined view sees only the placeholder addresses, its UDP is
+//! relayed (the peer sees the relay), and nothing it sends leaves any other way — not with
+//! the sidecar killed, not with the nftables table flushed and forwarding switched on. The
+//! positive control: with veil's firewall removed too, the capture does see the view's
+//! packets leave, so it can see what it looks for.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use support::netns::{Capture, Topology};
+use support::{Pki, Sidecar, UdpEcho, spawn_relay, veil_in};
+
+const RELAY_IP: &str = "198.51.100.2";
+const RELAY: &str = "198.51.100.2:4433";
+const ECHO: &str = "203.0.113.2:7000";
+const ECHO6: &str = "[2001:db8:e::2]:7000";
+
+/// The view's namespace, deleted when the test ends (the sidecar leaves views in place).
+struct ViewNs(String);
+
+impl Drop for ViewNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn topology() -> Topology {
+    let mut t = Topology::new();
+    t.host("c", "192.0.2.2/24", "192.0.2.1/24")
+        .host("l", "198.51.100.2/24", "198.51.100.1/24")
+        .host("e", "203.0.113.2/24", "203.0.113.1/24");
+    t.ipv6("c", "2001:db8:c::2/64", "2001:db8:c::1/64")
+        .ipv6("l", "2001:db8:1::2/64", "2001:db8:1::1/64")
+        .ipv6("e", "2001:db8:e::2/64", "2001:db8:e::1/64");
+    t
+}
+
+/// Runs `program args` as `nobody` inside the view; returns its output lines.
+fn in_view(view: &str, program: &str, args: &[&str]) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", view, "setpriv"])
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(program)
+        .args(args)
+        .output()
+        .expect("run in view");
+    assert!(
+        out.status.success(),
+        "{program}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Sends `payloads` from the view to `target`; returns the sender's lines.
+fn send_from_view(view: &str, target: &str, timeout: &str, payloads: &[&str]) -> Vec<String> {
+    let (host, port) = target.rsplit_once(':').expect("target");
+    let host = host.trim_matches(['[', ']']);
+    let script = support::client_script("udp_sender.py");
+    let mut args = vec![script.to_str().expect("path"), host, port, timeout];
+    args.extend(payloads);
+    in_view(view, "/usr/bin/python3", &args)
+}
+
+/// On the client machine's link: anything from a view's addresses, and any UDP or TCP but
+/// the tunnel to the relay.
+fn leak_capture(t: &Topology) -> Capture {
+    Capture::start(
+        t,
+        "c",
+        &format!(
+            "src net 192.0.0.0/30 or src net fd76:6569:6c00::/64 or ((udp or tcp) and not host {RELAY_IP})"
+        ),
+    )
+}
+
+fn nft_in_c(t: &Topology, args: &[&str]) {
+    let ok = t.command("c", "nft").args(args).status().expect("nft");
+    assert!(ok.success(), "nft {args:?}");
+}
+
+/// A sidecar in `c` with `config`, once its view is `ensured` (Built or Kept), its tunnel up
+/// and the view's listener ready.
+fn start_sidecar(t: &Topology, config: &std::path::Path, ensured: &str) -> Sidecar {
+    let sidecar = Sidecar::builder()
+        .netns(&t.ns("c"))
+        .policy("default.toml", "fallback = \"relay\"\n")
+        .config(config)
+        .spawn();
+    let ensured = format!("ensured={ensured}");
+    for ready in [ensured.as_str(), "tunnel connected", "view=\"vc-65534\""] {
+        assert!(
+            sidecar
+                .wait_log(&[ready], Duration::from_secs(10))
+                .is_some(),
+            "{ready}: {:?}",
+            sidecar.log()
+        );
+    }
+    sidecar
+}
+
+/// Sends from the view and asserts that nothing comes back, nothing reaches the peer and
+/// nothing leaves the machine.
+fn assert_sealed(t: &Topology, view: &str, echo: &UdpEcho, what: &str) {
+    let capture = leak_capture(t);
+    let before = echo.seen().len();
+    let lines = send_from_view(view, ECHO, "0.5", &["x", "y"]);
+    assert!(
+        lines.iter().all(|l| l.starts_with("fail")),
+        "{what}: {lines:?}"
+    );
+    let leaked = capture.stop();
+    assert!(
+        leaked.is_empty(),
+        "{what}: left the machine directly: {leaked:?}"
+    );
+    assert_eq!(echo.seen().len(), before, "{what}: the peer heard the app");
+}
+
+#[test]
+fn a_confined_app_sees_no_address_of_the_machine_and_leaves_only_through_veil() {
+    let t = topology();
+    let pki = Pki::generate(RELAY_IP);
+    let _relay = spawn_relay(
+        Some(&t.ns("l")),
+        &pki.relay_config(
+            "relay.toml",
+            RELAY,
+            "allow = [\"203.0.113.0/24\", \"2001:db8:e::/64\"]\n",
+        ),
+    );
+    let echo = UdpEcho::spawn_in(Some(&t.ns("e")), ECHO);
+    let echo6 = UdpEcho::spawn_in(Some(&t.ns("e")), ECHO6);
+    let prefix = format!("vt{}-", std::process::id());
+    let view = ViewNs(format!("{prefix}nobody"));
+    let config = pki.transparent_sidecar_config("", RELAY, RELAY_IP);
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text.push_str(&format!(
+        "confined = [\"nobody\"]\nnetns_prefix = \"{prefix}\"\n"
+    ));
+    std::fs::write(&config, text).expect("config");
+    let sidecar = start_sidecar(&t, &config, "Built");
+
+    // What the app can see: loopback and the placeholders, nothing of the machine.
+    let addresses = in_view(&view.0, "ip", &["-o", "addr", "show"]);
+    let shown: Vec<String> = addresses
+        .iter()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some(format!("{} {}", f.get(1)?, f.get(3)?))
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            "lo 127.0.0.1/8",
+            "lo ::1/128",
+            "eth0 192.0.0.2/30",
+            "eth0 fd76:6569:6c00::2/64",
+            "eth0 fe80::76:65ff:fe69:6c02/64",
+        ],
+        "{addresses:?}"
+    );
+    let links = in_view(&view.0, "ip", &["-o", "link", "show"]);
+    assert_eq!(links.len(), 2, "only lo and eth0: {links:?}");
+
+    // Its UDP reaches the peer from the relay's address; replies come back from the peer's.
+    let capture = leak_capture(&t);
+    let lines = send_from_view(&view.0, ECHO, "3", &["a", "b"]);
+    assert_eq!(lines, ["a", "b"].map(|p| format!("reply {ECHO} {p}")));
+    let seen = echo.seen();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen.iter()
+            .all(|(from, _)| from.ip().to_string() == RELAY_IP),
+        "the peer saw {seen:?}"
+    );
+    // Its IPv6 UDP is caught too, by the view's listener on ::1. (The relay is reached over
+    // IPv4 here, so its bind's one public address is IPv4 and cannot reach an IPv6 peer:
+    // the datagram is dropped there, never sent from the machine.)
+    let lines = send_from_view(&view.0, ECHO6, "0.5", &["c"]);
+    assert_eq!(lines, ["fail TimeoutError"]);
+    assert!(
+        sidecar
+            .wait_log(
+                &["relay bind open", "client=[fd76:6569:6c00::2]"],
+                Duration::from_secs(5)
+            )
+            .is_some(),
+        "{:?}",
+        sidecar.log()
+    );
+    assert!(echo6.seen().is_empty());
+    let leaked = capture.stop();
+    assert!(leaked.is_empty(), "left the machine directly: {leaked:?}");
+    let status = sidecar.status();
+    assert!(status.contains("confined"), "{status}");
+
+    // Fail closed. The sidecar killed: nothing comes back, nothing leaves.
+    sidecar.daemon_kill();
+    assert_sealed(&t, &view.0, &echo, "sidecar killed");
+
+    // A new sidecar takes the view as it is (apps inside keep running) and serves it again.
+    let sidecar = start_sidecar(&t, &config, "Kept");
+    let lines = send_from_view(&view.0, ECHO, "3", &["again"]);
+    assert_eq!(lines, [format!("reply {ECHO} again")]);
+    sidecar.daemon_kill();
+
+    // The table flushed, forwarding on: the blackhole rule still holds.
+    nft_in_c(&t, &["flush", "ruleset"]);
+    let forward = t
+        .command("c", "sysctl")
+        .args([
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+        ])
+        .status()
+        .expect("sysctl");
+    assert!(forward.success());
+    assert_sealed(&t, &view.0, &echo, "dead, ruleset flushed, forwarding on");
+
+    // Positive control: with veil's policy routing gone too (and the host end's own IPv4
+    // forwarding switched back on), the same packet does leave, and the capture sees it.
+    let out = veil_in(Some(&t.ns("c")))
+        .args(["firewall", "remove"])
+        .output()
+        .expect("veil firewall remove");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let on = t
+        .command("c", "sysctl")
+        .args(["-qw", "net.ipv4.conf.vc-65534.forwarding=1"])
+        .status()
+        .expect("sysctl");
+    assert!(on.success());
+    let capture = leak_capture(&t);
+    let _ = send_from_view(&view.0, ECHO, "0.5", &["control"]);
+    let seen = capture.stop();
+    assert!(
+        seen.iter().any(|l| l.contains("192.0.0.2")),
+        "the capture cannot see a forwarded packet: {seen:?}"
+    );
+}
