@@ -18,7 +18,7 @@
 //! it, checked by unit tests); [`ensure`] runs them where something is missing.
 
 use crate::command;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
 /// The app's IPv4 address in every view.
@@ -55,6 +55,14 @@ pub enum Error {
     /// An `ip` command failed.
     #[error(transparent)]
     Command(#[from] command::Error),
+    /// The view's resolv.conf could not be written.
+    #[error("writing {path}: {source}")]
+    Write {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A sysctl of the host end could not be set.
     #[error("setting {path}: {source}")]
     Sysctl {
@@ -106,6 +114,14 @@ impl View {
     /// The namespace's path, to join it (`nsenter --net=`, `NetworkNamespacePath=`).
     pub fn netns_path(&self) -> PathBuf {
         PathBuf::from("/run/netns").join(&self.netns)
+    }
+
+    /// The resolv.conf that `ip netns exec` (and `veil run`) mounts over `/etc/resolv.conf`
+    /// for apps in the view.
+    pub fn resolv_conf_path(&self) -> PathBuf {
+        PathBuf::from("/etc/netns")
+            .join(&self.netns)
+            .join("resolv.conf")
     }
 
     /// The `ip` command lines that create the veth pair, its end moved into the namespace
@@ -190,6 +206,70 @@ impl View {
     }
 }
 
+/// The resolver an app in a view is given: the host end, port 53 ([`Resolver::ALIAS_PORT`]).
+/// What the app sends there goes to `upstream` — a flow like any other, decided by the user's
+/// policy (`direct` from the host, `relay` through the tunnel, `block`) and logged as one — and
+/// the answers reach the app from the address it asked. Sans IO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolver {
+    /// Where queries go; None: nowhere (they are dropped and counted).
+    pub upstream: Option<SocketAddr>,
+}
+
+impl Resolver {
+    /// The port of the view's resolver.
+    pub const ALIAS_PORT: u16 = 53;
+
+    /// Whether `target` is the view's resolver (on either family).
+    pub fn is_alias(target: SocketAddr) -> bool {
+        target.port() == Self::ALIAS_PORT
+            && (target.ip() == IpAddr::V4(HOST_V4) || target.ip() == IpAddr::V6(HOST_V6))
+    }
+
+    /// Where a datagram the app sends to `target` goes: `target` itself, or the upstream for
+    /// the view's resolver; None if it is for the resolver and there is no upstream.
+    pub fn outbound(&self, target: SocketAddr) -> Option<SocketAddr> {
+        if Self::is_alias(target) {
+            self.upstream
+        } else {
+            Some(target)
+        }
+    }
+
+    /// The address the app at `app` hears a datagram from `peer` as, once it has asked the
+    /// view's resolver (`asked`): the resolver of its own family for the upstream's answers.
+    pub fn inbound(&self, peer: SocketAddr, app: SocketAddr, asked: bool) -> SocketAddr {
+        if asked && Some(peer) == self.upstream {
+            let host = if app.is_ipv4() {
+                IpAddr::V4(HOST_V4)
+            } else {
+                IpAddr::V6(HOST_V6)
+            };
+            SocketAddr::new(host, Self::ALIAS_PORT)
+        } else {
+            peer
+        }
+    }
+}
+
+/// The first `nameserver` of resolv.conf text, port 53: the host's resolver.
+pub fn host_resolver(resolv_conf: &str) -> Option<SocketAddr> {
+    resolv_conf.lines().find_map(|l| {
+        let mut words = l.split_whitespace();
+        (words.next() == Some("nameserver"))
+            .then(|| words.next()?.parse::<IpAddr>().ok())
+            .flatten()
+            .map(|ip| SocketAddr::new(ip, 53))
+    })
+}
+
+/// The resolv.conf an app in a view reads: the view's resolver, on both families.
+pub fn view_resolv_conf() -> String {
+    format!(
+        "# written by veil: the confined view's resolver\nnameserver {HOST_V4}\nnameserver {HOST_V6}\n"
+    )
+}
+
 fn argv(args: &[&str]) -> Vec<String> {
     args.iter().map(|a| (*a).to_owned()).collect()
 }
@@ -234,6 +314,15 @@ pub fn ensure(view: &View) -> Result<Ensured, Error> {
     for c in view.commands() {
         ip(&c)?;
     }
+    let conf = view.resolv_conf_path();
+    let written = conf
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&conf, view_resolv_conf()));
+    written.map_err(|source| Error::Write {
+        path: conf.display().to_string(),
+        source,
+    })?;
     Ok(ensured)
 }
 
@@ -251,6 +340,45 @@ mod tests {
             assert!(View::new(bad, 1000, "", 1).is_err(), "{bad:?} accepted");
         }
         assert!(View::new(&"x".repeat(65), 1000, "", 1).is_err());
+    }
+
+    #[test]
+    fn the_views_resolver_is_an_alias_for_the_upstream_both_ways() {
+        let upstream: SocketAddr = "9.9.9.9:53".parse().expect("addr");
+        let r = Resolver {
+            upstream: Some(upstream),
+        };
+        let alias4: SocketAddr = "192.0.0.1:53".parse().expect("addr");
+        let alias6: SocketAddr = "[fd76:6569:6c00::1]:53".parse().expect("addr");
+        let peer: SocketAddr = "203.0.113.9:53".parse().expect("addr");
+        assert_eq!(r.outbound(alias4), Some(upstream));
+        assert_eq!(r.outbound(alias6), Some(upstream));
+        assert_eq!(r.outbound(peer), Some(peer));
+        // The host end on another port is not the resolver.
+        let other: SocketAddr = "192.0.0.1:54".parse().expect("addr");
+        assert_eq!(r.outbound(other), Some(other));
+        assert_eq!(Resolver { upstream: None }.outbound(alias4), None);
+        let app4: SocketAddr = "192.0.0.2:40000".parse().expect("addr");
+        let app6: SocketAddr = "[fd76:6569:6c00::2]:40000".parse().expect("addr");
+        assert_eq!(r.inbound(upstream, app4, true), alias4);
+        assert_eq!(r.inbound(upstream, app6, true), alias6);
+        // An app that talks to the upstream itself hears it as itself.
+        assert_eq!(r.inbound(upstream, app4, false), upstream);
+        assert_eq!(r.inbound(peer, app4, true), peer);
+    }
+
+    #[test]
+    fn the_host_resolver_is_the_first_nameserver() {
+        let conf = "# comment\nsearch example.org\nnameserver  fe80::1%eth0\nnameserver 10.0.0.53\nnameserver 10.0.0.54\n";
+        assert_eq!(
+            host_resolver(conf),
+            Some("10.0.0.53:53".parse().expect("addr")),
+            "a scoped address is skipped"
+        );
+        assert_eq!(host_resolver("search x\n"), None);
+        assert!(
+            view_resolv_conf().contains("nameserver 192.0.0.1\nnameserver fd76:6569:6c00::1\n")
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! its peer, never veil.
 
 use crate::batch::Sent;
+use crate::confine::Resolver;
 use crate::datapath::association::Association;
 use crate::datapath::binding::Binding;
 use crate::datapath::pipeline::{Delivered, Front, Pipeline};
@@ -86,6 +87,8 @@ pub enum Apps {
         uid: u32,
         /// Its host end.
         device: String,
+        /// Where what the app sends to the view's resolver goes.
+        resolver: Resolver,
     },
 }
 
@@ -118,6 +121,28 @@ impl ReplySockets {
         }
         map.insert(from, s.clone());
         Ok(s)
+    }
+}
+
+/// Replies to an app, with a view's resolver: the upstream's answers reach the app from the
+/// resolver's address it asked (see [`Resolver::inbound`]).
+struct Answering<'a> {
+    replies: &'a ReplySockets,
+    resolver: Option<Resolver>,
+    asked: bool,
+}
+
+impl Front for Answering<'_> {
+    fn deliver(
+        &self,
+        fill: impl FnOnce(&mut dyn FnMut(SocketAddr, SocketAddr, &[u8]) -> Sent) -> Sent,
+    ) -> Sent {
+        let Some(resolver) = self.resolver.filter(|_| self.asked) else {
+            return self.replies.deliver(fill);
+        };
+        self.replies.deliver(|push| {
+            fill(&mut |peer, app, payload| push(resolver.inbound(peer, app, true), app, payload))
+        })
     }
 }
 
@@ -273,13 +298,14 @@ pub async fn run(
                             );
                             let apps_of = apps_of.clone();
                             tokio::spawn(async move {
-                                let (user, via) = match apps_of {
-                                    Apps::Host => (owner(source, original), "transparent"),
-                                    Apps::View { uid, .. } => {
-                                        (identity::user_of_uid(uid).ok(), "confined")
+                                let (user, resolver) = match apps_of {
+                                    Apps::Host => (owner(source, original), None),
+                                    Apps::View { uid, resolver, .. } => {
+                                        (identity::user_of_uid(uid).ok(), Some(resolver))
                                     }
                                 };
-                                app(handle, source, (user, via), rx, replies, ports, token).await
+                                app(handle, source, (user, resolver), rx, replies, ports, token)
+                                    .await
                             });
                             apps.insert(source, tx.clone());
                             tx
@@ -317,12 +343,13 @@ fn owner(source: SocketAddr, destination: SocketAddr) -> Option<User> {
     identity::user_of_uid(uid).ok()
 }
 
-/// One app socket of `owner` (None: no socket sends from there), caught on the way `via`
-/// names: its datagrams go through its [`Pipeline`]; replies reach it as its peers.
+/// One app socket of `owner` (None: no socket sends from there), in a confined view if it has
+/// the view's `resolver`: its datagrams go through its [`Pipeline`]; replies reach it as its
+/// peers.
 async fn app(
     handle: Handle,
     source: SocketAddr,
-    (owner, via): (Option<User>, &'static str),
+    (owner, resolver): (Option<User>, Option<Resolver>),
     mut rx: mpsc::Receiver<(SocketAddr, Bytes)>,
     replies: Arc<ReplySockets>,
     ports: Arc<PublicPorts>,
@@ -347,11 +374,21 @@ async fn app(
     // The kernel named the socket's owner above: it is the client.
     association.claim(source);
     info!(user = %user, client = %source, "app socket intercepted");
+    let via = if resolver.is_some() {
+        "confined"
+    } else {
+        "transparent"
+    };
     let live = shared.registry.open(user.name(), source, via);
     // Opened in the background, with the public port this app socket had (before a restart,
     // say); the first datagrams wait for it (`Binding`).
     let binding = Binding::new(None, ports.get(source));
     let mut pipeline = Pipeline::new(shared, user, association, binding, live);
+    let mut front = Answering {
+        replies: &replies,
+        resolver,
+        asked: false,
+    };
     // Checked now and then rather than a timer re-armed for every packet.
     let mut idle_check = tokio::time::interval(APP_IDLE / 8);
     let mut last_active = Instant::now();
@@ -364,10 +401,23 @@ async fn app(
             packet = rx.recv(), if !pipeline.is_holding_full() => {
                 let Some((target, payload)) = packet else { break };
                 last_active = Instant::now();
+                let target = match resolver {
+                    Some(r) => {
+                        front.asked |= Resolver::is_alias(target);
+                        match r.outbound(target) {
+                            Some(t) => t,
+                            None => {
+                                shared.counters.drop(DropReason::Unresolved);
+                                continue;
+                            }
+                        }
+                    }
+                    None => target,
+                };
                 pipeline.send(target, &payload);
             }
             returned = std::future::poll_fn(|cx| pipeline.poll_return(cx)) => {
-                match pipeline.deliver(returned, &*replies, source) {
+                match pipeline.deliver(returned, &front, source) {
                     Delivered::Datagrams => last_active = Instant::now(),
                     Delivered::Opened(public) => ports.set(source, Some(public.port())),
                     Delivered::BindChanged => {}

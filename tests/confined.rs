@@ -25,6 +25,50 @@ impl Drop for ViewNs {
             .args(["netns", "del", &self.0])
             .stderr(Stdio::null())
             .status();
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.0));
+    }
+}
+
+/// `tests/clients/dns_server.py` in a namespace: answers `peer.test`, records who asked.
+struct DnsServer {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl DnsServer {
+    fn spawn(t: &Topology, role: &str, bind: &str) -> Self {
+        use std::io::BufRead;
+        let mut child = t
+            .command(role, "/usr/bin/python3")
+            .arg(support::client_script("dns_server.py"))
+            .args([bind, "53", "peer.test=203.0.113.2,2001:db8:e::2"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("dns server");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        assert_eq!(
+            out.next().and_then(Result::ok).as_deref(),
+            Some("listening")
+        );
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for l in out.map_while(Result::ok) {
+                sink.lock().expect("lines").push(l);
+            }
+        });
+        Self { child, lines }
+    }
+
+    fn queries(&self) -> Vec<String> {
+        self.lines.lock().expect("lines").clone()
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -144,8 +188,9 @@ fn a_confined_app_sees_no_address_of_the_machine_and_leaves_only_through_veil() 
     let config = pki.transparent_sidecar_config("", RELAY, RELAY_IP);
     let mut text = std::fs::read_to_string(&config).expect("config");
     text.push_str(&format!(
-        "confined = [\"nobody\"]\nnetns_prefix = \"{prefix}\"\n"
+        "confined = [\"nobody\"]\nnetns_prefix = \"{prefix}\"\nconfined_dns = \"203.0.113.2:53\"\n"
     ));
+    let dns = DnsServer::spawn(&t, "e", "203.0.113.2");
     std::fs::write(&config, text).expect("config");
     let sidecar = start_sidecar(&t, &config, "Built");
 
@@ -199,6 +244,40 @@ fn a_confined_app_sees_no_address_of_the_machine_and_leaves_only_through_veil() 
         sidecar.log()
     );
     assert!(echo6.seen().is_empty());
+    // DNS: the app's resolver is the host end (resolv.conf in /etc/netns, which `ip netns
+    // exec` mounts); glibc's lookup is answered, and the upstream heard it from the relay.
+    let resolv = in_view(&view.0, "cat", &["/etc/resolv.conf"]);
+    assert_eq!(
+        resolv[1..],
+        ["nameserver 192.0.0.1", "nameserver fd76:6569:6c00::1"]
+    );
+    let found = in_view(&view.0, "getent", &["ahostsv4", "peer.test"]);
+    assert!(
+        found.first().is_some_and(|l| l.starts_with("203.0.113.2 ")),
+        "{found:?} {:?}",
+        sidecar.log()
+    );
+    let queries = dns.queries();
+    assert!(
+        !queries.is_empty()
+            && queries
+                .iter()
+                .all(|q| q.ends_with(&format!("from {RELAY_IP}"))),
+        "{queries:?}"
+    );
+    // A name the resolver does not know fails as it would anywhere (NXDOMAIN, not a hang).
+    let missing = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &view.0,
+            "getent",
+            "ahostsv4",
+            "nothing.test",
+        ])
+        .output()
+        .expect("getent");
+    assert_eq!(missing.status.code(), Some(2), "{missing:?}");
     let leaked = capture.stop();
     assert!(leaked.is_empty(), "left the machine directly: {leaked:?}");
     let status = sidecar.status();

@@ -26,6 +26,8 @@
 //! confined = ["alice"]                 # a confined network view each (see `confine`), on
 //!                                      # ports port+1, port+2… in this order
 //! # netns_prefix = "veil-"             # alice's view is /run/netns/veil-alice
+//! # confined_dns = "10.0.0.53:53"      # where their DNS goes, by policy like any flow
+//!                                      # (default: the host's first resolv.conf nameserver)
 //! ```
 //! Relative paths are taken from the file's directory.
 
@@ -69,6 +71,8 @@ pub struct TransparentSettings {
     pub confined: Vec<String>,
     /// The views' namespace names are this followed by the user's name.
     pub netns_prefix: String,
+    /// Where confined apps' DNS queries go (None: the host's first resolver).
+    pub confined_dns: Option<SocketAddr>,
 }
 
 impl TransparentSettings {
@@ -130,6 +134,7 @@ struct RawTransparent {
     #[serde(default)]
     confined: Vec<Spanned<String>>,
     netns_prefix: Option<Spanned<String>>,
+    confined_dns: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -184,7 +189,18 @@ impl SidecarConfig {
         };
         let transparent = match raw.transparent {
             Some(t) => {
+                let confined_dns = match &t.confined_dns {
+                    Some(d) => Some(d.get_ref().parse::<SocketAddr>().map_err(|_| {
+                        at(
+                            d.span(),
+                            "transparent.confined_dns",
+                            &format!("expected IP:PORT, found {:?}", d.get_ref()),
+                        )
+                    })?),
+                    None => None,
+                };
                 let settings = TransparentSettings {
+                    confined_dns,
                     users: t.users,
                     groups: t.groups,
                     cgroups: t.cgroups,
@@ -303,7 +319,16 @@ mod tests {
             (t.view_port(0), t.view_port(1)),
             (Some(15_354), Some(15_355))
         );
-        assert_eq!(t.netns_prefix, "veil-");
+        assert_eq!((t.netns_prefix.as_str(), t.confined_dns), ("veil-", None));
+        let e = SidecarConfig::parse(
+            Path::new("s.toml"),
+            "[transparent]\nconfined_dns = \"resolver\"\n",
+        )
+        .expect_err("bad");
+        assert_eq!(
+            e,
+            "s.toml:2:16: transparent.confined_dns: expected IP:PORT, found \"resolver\""
+        );
         let e = SidecarConfig::parse(Path::new("s.toml"), "lisen = \"x\"\n").expect_err("bad");
         assert!(
             e.starts_with("s.toml:1:1: (file): unknown field `lisen`"),

@@ -249,6 +249,7 @@ mod tests {
             mark: 0x1e11,
             confined: vec![],
             netns_prefix: "veil-".into(),
+            confined_dns: None,
         }
     }
 

@@ -18,7 +18,7 @@
 
 use super::config::SidecarConfig;
 use super::managed;
-use crate::confine::View;
+use crate::confine::{Resolver, View};
 use crate::datapath::state::Handle;
 use crate::firewall::{self, Interception};
 use crate::intercept::Apps;
@@ -68,6 +68,8 @@ pub struct Settings {
     pub ports_file: Option<PathBuf>,
     /// Confined views (their host ends are in `interception`).
     pub views: Vec<View>,
+    /// Where confined apps' DNS queries go.
+    pub confined_dns: Option<SocketAddr>,
     /// The `veil status` socket.
     pub control: Option<PathBuf>,
     /// The Prometheus endpoint.
@@ -85,6 +87,7 @@ impl Settings {
             interception: None,
             ports_file: None,
             views: Vec::new(),
+            confined_dns: None,
             control: None,
             metrics: None,
             managed: Vec::new(),
@@ -120,6 +123,12 @@ impl Settings {
             Some(t) => managed::views(t, &managed::System)?,
             None => Vec::new(),
         };
+        let confined_dns = config.transparent.as_ref().and_then(|t| {
+            t.confined_dns.or_else(|| {
+                let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+                crate::confine::host_resolver(&conf)
+            })
+        });
         let control = crate::control::socket_path(config.control.as_ref());
         let ports_file = config.transparent.as_ref().map(|t| {
             t.ports_file.clone().unwrap_or_else(|| {
@@ -135,6 +144,7 @@ impl Settings {
             interception,
             ports_file,
             views,
+            confined_dns,
             control: Some(control),
             metrics: config.metrics,
             managed: config
@@ -154,6 +164,7 @@ pub struct Sidecar {
     interception: Option<Interception>,
     ports_file: Option<PathBuf>,
     views: Vec<View>,
+    confined_dns: Option<SocketAddr>,
     control: Option<PathBuf>,
     metrics: Option<SocketAddr>,
     managed: Vec<String>,
@@ -185,7 +196,7 @@ impl Sidecar {
         for v in &settings.views {
             match crate::confine::ensure(v) {
                 Ok(ensured) => {
-                    info!(user = %v.user, netns = %v.netns_path().display(), device = %v.device, port = v.port, ?ensured, "confined view ready")
+                    info!(user = %v.user, netns = %v.netns_path().display(), device = %v.device, port = v.port, dns = ?settings.confined_dns, ?ensured, "confined view ready")
                 }
                 Err(e) => {
                     error!(user = %v.user, netns = %v.netns_path().display(), error = %e, "confined view not built: its apps cannot reach anything")
@@ -201,6 +212,7 @@ impl Sidecar {
             interception: settings.interception,
             ports_file: settings.ports_file,
             views: settings.views,
+            confined_dns: settings.confined_dns,
             control: settings.control,
             metrics: settings.metrics,
             managed: settings.managed,
@@ -235,6 +247,7 @@ impl Sidecar {
             interception,
             ports_file,
             views,
+            confined_dns,
             control,
             metrics,
             managed,
@@ -250,6 +263,9 @@ impl Sidecar {
                 let apps = Apps::View {
                     uid: v.uid,
                     device: v.device.clone(),
+                    resolver: Resolver {
+                        upstream: confined_dns,
+                    },
                 };
                 tokio::spawn(async move {
                     if let Err(e) = crate::intercept::run(h, v.port, apps, ports, t).await {
