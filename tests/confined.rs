@@ -15,6 +15,10 @@ const RELAY_IP: &str = "198.51.100.2";
 const RELAY: &str = "198.51.100.2:4433";
 const ECHO: &str = "203.0.113.2:7000";
 const ECHO6: &str = "[2001:db8:e::2]:7000";
+/// Relay by default; TCP to port 8081 blocked, to 8082 direct.
+const POLICY: &str = "fallback = \"relay\"\n\
+    [[rule]]\nname = \"no-8081\"\nverdict = \"block\"\nnetworks = [\"203.0.113.2/32\"]\nports = [8081]\ntransport = [\"tcp\"]\n\
+    [[rule]]\nname = \"lan-8082\"\nverdict = \"direct\"\nnetworks = [\"203.0.113.2/32\"]\nports = [8082]\ntransport = [\"tcp\"]\n";
 
 /// The view's namespace, deleted when the test ends (the sidecar leaves views in place).
 struct ViewNs(String);
@@ -135,11 +139,16 @@ fn nft_in_c(t: &Topology, args: &[&str]) {
 fn start_sidecar(t: &Topology, config: &std::path::Path, ensured: &str) -> Sidecar {
     let sidecar = Sidecar::builder()
         .netns(&t.ns("c"))
-        .policy("default.toml", "fallback = \"relay\"\n")
+        .policy("default.toml", POLICY)
         .config(config)
         .spawn();
     let ensured = format!("ensured={ensured}");
-    for ready in [ensured.as_str(), "tunnel connected", "view=\"vc-65534\""] {
+    for ready in [
+        ensured.as_str(),
+        "tunnel connected",
+        "view=\"vc-65534\"",
+        "confined TCP ready",
+    ] {
         assert!(
             sidecar
                 .wait_log(&[ready], Duration::from_secs(10))
@@ -278,8 +287,43 @@ fn a_confined_app_sees_no_address_of_the_machine_and_leaves_only_through_veil() 
         .output()
         .expect("getent");
     assert_eq!(missing.status.code(), Some(2), "{missing:?}");
+    // TCP: the kernel terminates it; `relay` reaches the server from the relay's address,
+    // `block` resets and the server never hears of it.
+    let relayed = support::HttpServer::spawn_in(Some(&t.ns("e")), "203.0.113.2:8080", "relayed");
+    let blocked = support::HttpServer::spawn_in(Some(&t.ns("e")), "203.0.113.2:8081", "blocked");
+    let direct = support::HttpServer::spawn_in(Some(&t.ns("e")), "203.0.113.2:8082", "direct");
+    let body = in_view(
+        &view.0,
+        "curl",
+        &["-sS", "-m", "5", "http://203.0.113.2:8080/"],
+    );
+    assert_eq!(body, ["relayed"]);
+    let peers = relayed.peers.lock().expect("peers").clone();
+    assert!(
+        !peers.is_empty() && peers.iter().all(|p| p.ip().to_string() == RELAY_IP),
+        "{peers:?}"
+    );
+    let refused = Command::new("ip")
+        .args(["netns", "exec", &view.0, "curl", "-sS", "-m", "5"])
+        .arg("http://203.0.113.2:8081/")
+        .output()
+        .expect("curl");
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(blocked.peers.lock().expect("peers").is_empty());
     let leaked = capture.stop();
     assert!(leaked.is_empty(), "left the machine directly: {leaked:?}");
+    // `direct` (the corporate network, say) leaves from the host's address.
+    let body = in_view(
+        &view.0,
+        "curl",
+        &["-sS", "-m", "5", "http://203.0.113.2:8082/"],
+    );
+    assert_eq!(body, ["direct"]);
+    let peers = direct.peers.lock().expect("peers").clone();
+    assert!(
+        peers.iter().all(|p| p.ip().to_string() == "192.0.2.2"),
+        "{peers:?}"
+    );
     let status = sidecar.status();
     assert!(status.contains("confined"), "{status}");
 

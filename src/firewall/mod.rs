@@ -226,15 +226,21 @@ pub fn ruleset(i: &Interception) -> String {
     out.push_str(
         "  chain prerouting {\n    type filter hook prerouting priority mangle; policy accept;\n",
     );
-    // A confined view's UDP to veil's listener for it; its neighbour discovery with the host
-    // end (addressed to the link, never forwarded); everything else from it is dropped.
+    // A confined view's UDP and TCP to veil's listeners for it; its neighbour discovery with
+    // the host end (addressed to the link, never forwarded); everything else from it (ICMP,
+    // SCTP, UDP-Lite…) is dropped.
     for v in &i.views {
         let (dev, vport) = (&v.device, v.port);
+        for proto in ["udp", "tcp"] {
+            let _ = writeln!(
+                out,
+                "    iifname \"{dev}\" meta l4proto {proto} meta nfproto ipv4 tproxy ip to 127.0.0.1:{vport} meta mark set {mark} accept\n    \
+                 iifname \"{dev}\" meta l4proto {proto} meta nfproto ipv6 tproxy ip6 to [::1]:{vport} meta mark set {mark} accept"
+            );
+        }
         let _ = writeln!(
             out,
-            "    iifname \"{dev}\" meta l4proto udp meta nfproto ipv4 tproxy ip to 127.0.0.1:{vport} meta mark set {mark} accept\n    \
-             iifname \"{dev}\" meta l4proto udp meta nfproto ipv6 tproxy ip6 to [::1]:{vport} meta mark set {mark} accept\n    \
-             iifname \"{dev}\" icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} ip6 hoplimit 255 accept\n    \
+            "    iifname \"{dev}\" icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} ip6 hoplimit 255 accept\n    \
              iifname \"{dev}\" drop"
         );
     }
@@ -597,10 +603,12 @@ mod tests {
             .position(|l| l.starts_with("iifname \"vc-1000\""))
             .expect("view rules");
         assert_eq!(
-            &lines[first..first + 4],
+            &lines[first..first + 6],
             [
                 "iifname \"vc-1000\" meta l4proto udp meta nfproto ipv4 tproxy ip to 127.0.0.1:15354 meta mark set 0x1e11 accept",
                 "iifname \"vc-1000\" meta l4proto udp meta nfproto ipv6 tproxy ip6 to [::1]:15354 meta mark set 0x1e11 accept",
+                "iifname \"vc-1000\" meta l4proto tcp meta nfproto ipv4 tproxy ip to 127.0.0.1:15354 meta mark set 0x1e11 accept",
+                "iifname \"vc-1000\" meta l4proto tcp meta nfproto ipv6 tproxy ip6 to [::1]:15354 meta mark set 0x1e11 accept",
                 "iifname \"vc-1000\" icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept",
                 "iifname \"vc-1000\" drop",
             ]

@@ -260,13 +260,24 @@ impl Sidecar {
                 let ports = crate::intercept::PublicPorts::load(
                     ports_file.as_ref().map(|p| p.with_extension(&v.user)),
                 );
+                let resolver = Resolver {
+                    upstream: confined_dns,
+                };
                 let apps = Apps::View {
                     uid: v.uid,
                     device: v.device.clone(),
-                    resolver: Resolver {
-                        upstream: confined_dns,
-                    },
+                    resolver,
                 };
+                {
+                    let (h, t, user) = (handle.clone(), token.clone(), v.user.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) =
+                            crate::intercept::tcp::run(h, v.port, v.uid, resolver, t).await
+                        {
+                            error!(user = %user, "{e}; the confined view's TCP is dropped by the firewall");
+                        }
+                    });
+                }
                 tokio::spawn(async move {
                     if let Err(e) = crate::intercept::run(h, v.port, apps, ports, t).await {
                         error!(user = %v.user, "{e}; the confined view's UDP is dropped by the firewall");

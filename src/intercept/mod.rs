@@ -8,6 +8,8 @@
 //! Replies reach the app from a transparent socket bound to the peer's address, so the app sees
 //! its peer, never veil.
 
+pub mod tcp;
+
 use crate::batch::Sent;
 use crate::confine::Resolver;
 use crate::datapath::association::Association;
@@ -90,6 +92,23 @@ pub enum Apps {
         /// Where what the app sends to the view's resolver goes.
         resolver: Resolver,
     },
+}
+
+/// Listeners on `port` of 127.0.0.1 and, if the host has IPv6, ::1 (without it, the firewall
+/// drops what would have gone to the IPv6 one).
+fn loopback_pair<T>(
+    port: u16,
+    open: impl Fn(SocketAddr) -> Result<T, Error>,
+) -> Result<(T, Option<T>), Error> {
+    let v4 = open(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
+    let v6 = match open(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(error = %e, "no IPv6 transparent listener: intercepted IPv6 is dropped by the firewall");
+            None
+        }
+    };
+    Ok((v4, v6))
 }
 
 /// Transparent sockets bound to peers' addresses, to answer apps as their peers.
@@ -238,14 +257,7 @@ pub async fn run(
     ports: Arc<PublicPorts>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let v4 = listener(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
-    let v6 = match listener(SocketAddr::from((Ipv6Addr::LOCALHOST, port))) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            warn!(error = %e, "no IPv6 transparent listener; IPv6 UDP of managed users is dropped by the firewall");
-            None
-        }
-    };
+    let (v4, v6) = loopback_pair(port, listener)?;
     let device = match &apps_of {
         Apps::Host => None,
         Apps::View { device, .. } => Some(device.clone()),
