@@ -69,6 +69,16 @@ enum Cmd {
         #[arg(long, default_value = "/etc/veil/relay.toml")]
         config: PathBuf,
     },
+    /// Run CMD in your confined network view (the sidecar starts it as you; without a view or
+    /// without the daemon nothing runs). Exits with CMD's status.
+    Run {
+        /// The sidecar's launch socket.
+        #[arg(long, default_value = veil::confine::launch::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<std::ffi::OsString>,
+    },
     /// Ask the running sidecar what it is doing (root only).
     Status {
         /// The sidecar's control socket.
@@ -132,6 +142,13 @@ fn main() -> ExitCode {
             clients,
         } => report(write_pki(&dir, &relay_names, &clients)),
         Cmd::Firewall { action } => report(firewall(action)),
+        Cmd::Run { socket, command } => match veil::confine::launch::run(&socket, command) {
+            Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+            Err(e) => {
+                eprintln!("veil run: {e}");
+                ExitCode::from(127)
+            }
+        },
         Cmd::Status { socket } => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -1,10 +1,12 @@
-//! The one module with `unsafe`: the two kernel interfaces that take raw pointers and that
-//! neither nix nor socket2 wraps.
+//! The one module with `unsafe`: the kernel interfaces that take raw pointers and that
+//! neither nix nor socket2 wraps, and the one hook into `fork`.
 //!
 //! - `SO_ATTACH_REUSEPORT_CBPF`, a `setsockopt` whose value points at a classic BPF program
 //!   (the relay's shard steering, [`crate::reuseport`]);
 //! - `bpf(2)`, for the kill switch's egress lock ([`crate::firewall::lock`]): load an eBPF
-//!   program, pin it in bpffs, attach it to a cgroup, list what a cgroup has attached.
+//!   program, pin it in bpffs, attach it to a cgroup, list what a cgroup has attached;
+//! - `pre_exec`, to start a confined app ([`crate::confine::launch`]): the forked child enters
+//!   the view before it execs.
 //!
 //! Each function takes and returns plain Rust values; the `bpf_attr` unions are built here as
 //! zeroed byte arrays with each field written at its offset from `<linux/bpf.h>` (the kernel
@@ -265,4 +267,76 @@ pub(crate) fn netns_cookie() -> io::Result<u64> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// What a confined app is started as: everything prepared before the fork, so that the child
+/// only makes system calls between fork and exec.
+pub(crate) struct Confinement {
+    /// The view's network namespace (`/run/netns/NAME`, opened).
+    pub netns: OwnedFd,
+    /// Files bind-mounted over others in the app's own mount namespace (the view's
+    /// resolv.conf over `/etc/resolv.conf`, `/dev/null` over resolver sockets):
+    /// `(source, target)`.
+    pub binds: Vec<(CString, CString)>,
+    /// Who the app runs as.
+    pub uid: nix::unistd::Uid,
+    /// Its primary group.
+    pub gid: nix::unistd::Gid,
+    /// Its supplementary groups.
+    pub groups: Vec<nix::unistd::Gid>,
+    /// Its working directory, entered as that user.
+    pub cwd: CString,
+}
+
+/// Makes `command`'s child enter `c` before it execs: the view's network namespace, a mount
+/// namespace of its own (a slave of the host's, so nothing it mounts reaches the host) with the
+/// binds, a new session, then the user's groups, gid and uid — dropped
+/// last, after everything that needs root — and its working directory as that user. Any step
+/// failing fails the spawn: nothing runs half confined.
+pub(crate) fn confine_child(command: &mut std::process::Command, c: Confinement) {
+    use nix::mount::{MsFlags, mount};
+    use nix::sched::{CloneFlags, setns, unshare};
+    use std::os::unix::process::CommandExt as _;
+    let step = |e: nix::Error| io::Error::from_raw_os_error(e as i32);
+    let child = move || -> io::Result<()> {
+        setns(&c.netns, CloneFlags::CLONE_NEWNET).map_err(step)?;
+        unshare(CloneFlags::CLONE_NEWNS).map_err(step)?;
+        mount(
+            None::<&std::ffi::CStr>,
+            c"/",
+            None::<&std::ffi::CStr>,
+            MsFlags::MS_REC | MsFlags::MS_SLAVE,
+            None::<&std::ffi::CStr>,
+        )
+        .map_err(step)?;
+        for (source, target) in &c.binds {
+            mount(
+                Some(source.as_c_str()),
+                target.as_c_str(),
+                None::<&std::ffi::CStr>,
+                MsFlags::MS_BIND,
+                None::<&std::ffi::CStr>,
+            )
+            .map_err(step)?;
+        }
+        nix::unistd::setsid().map_err(step)?;
+        nix::unistd::setgroups(&c.groups).map_err(step)?;
+        nix::unistd::setgid(c.gid).map_err(step)?;
+        nix::unistd::setuid(c.uid).map_err(step)?;
+        nix::unistd::chdir(c.cwd.as_c_str()).map_err(step)?;
+        Ok(())
+    };
+    // SAFETY: the closure runs in the forked child before exec. It only makes system calls
+    // (setns, unshare, mount, setsid, setgroups, setgid, setuid, chdir) on values prepared
+    // before the fork, and allocates nothing; it takes no lock.
+    unsafe {
+        command.pre_exec(child);
+    }
+}
+
+/// Takes ownership of a descriptor the kernel just passed to this process (`SCM_RIGHTS`).
+pub(crate) fn received_fd(fd: std::os::fd::RawFd) -> OwnedFd {
+    // SAFETY: `fd` came from `recvmsg`'s `SCM_RIGHTS`: the kernel installed it in this
+    // process for this call, and nothing else owns or closes it.
+    unsafe { OwnedFd::from_raw_fd(fd) }
 }

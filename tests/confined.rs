@@ -33,6 +33,53 @@ impl Drop for ViewNs {
     }
 }
 
+/// `veil run` for unprivileged users: a copy of the binary in a directory anyone may read,
+/// and the launch socket's path there.
+struct Launcher {
+    dir: tempfile::TempDir,
+    socket: std::path::PathBuf,
+}
+
+impl Launcher {
+    fn new() -> Self {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        std::fs::copy(env!("CARGO_BIN_EXE_veil"), dir.path().join("veil")).expect("copy veil");
+        let socket = dir.path().join("run").join("launch");
+        Self { dir, socket }
+    }
+
+    /// `veil run -- ARGS` as `user` (on the host, outside any view).
+    fn run(&self, user: &str, args: &[&str]) -> std::process::Output {
+        Command::new("setpriv")
+            .args([
+                &format!("--reuid={user}"),
+                "--regid=nogroup",
+                "--clear-groups",
+            ])
+            .arg(self.dir.path().join("veil"))
+            .args(["run", "--socket"])
+            .arg(&self.socket)
+            .arg("--")
+            .args(args)
+            .current_dir("/")
+            .output()
+            .expect("veil run")
+    }
+
+    /// Its standard output, which must have succeeded.
+    fn lines(&self, args: &[&str]) -> Vec<String> {
+        let out = self.run("nobody", args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
 /// `tests/clients/dns_server.py` in a namespace: answers `peer.test`, records who asked.
 struct DnsServer {
     child: std::process::Child,
@@ -196,8 +243,11 @@ fn a_confined_app_sees_no_address_of_the_machine_and_leaves_only_through_veil() 
     let view = ViewNs(format!("{prefix}nobody"));
     let config = pki.transparent_sidecar_config("", RELAY, RELAY_IP);
     let mut text = std::fs::read_to_string(&config).expect("config");
+    // `veil run` as an unprivileged user: the binary and the socket where nobody can reach.
+    let launcher = Launcher::new();
     text.push_str(&format!(
-        "confined = [\"nobody\"]\nnetns_prefix = \"{prefix}\"\nconfined_dns = \"203.0.113.2:53\"\n"
+        "confined = [\"nobody\"]\nnetns_prefix = \"{prefix}\"\nconfined_dns = \"203.0.113.2:53\"\nlaunch = \"{}\"\n",
+        launcher.socket.display()
     ));
     let dns = DnsServer::spawn(&t, "e", "203.0.113.2");
     std::fs::write(&config, text).expect("config");
@@ -225,6 +275,61 @@ fn a_confined_app_sees_no_address_of_the_machine_and_leaves_only_through_veil() 
     );
     let links = in_view(&view.0, "ip", &["-o", "link", "show"]);
     assert_eq!(links.len(), 2, "only lo and eth0: {links:?}");
+
+    // `veil run`: the app runs as the asking user, in the view, on the caller's stdout, with
+    // the view's resolver and the caller's exit status; it cannot leave the view.
+    assert!(
+        sidecar
+            .wait_log(&["veil run ready"], Duration::from_secs(5))
+            .is_some()
+    );
+    assert_eq!(launcher.lines(&["ip", "-o", "addr", "show"]), addresses);
+    assert_eq!(launcher.lines(&["id", "-u", "-n"]), ["nobody"]);
+    let resolv = launcher.lines(&["cat", "/etc/resolv.conf"]);
+    assert!(
+        resolv.contains(&"nameserver 192.0.0.1".to_owned()),
+        "{resolv:?}"
+    );
+    let found = launcher.lines(&["getent", "ahostsv4", "peer.test"]);
+    assert!(
+        found.first().is_some_and(|l| l.starts_with("203.0.113.2 ")),
+        "{found:?}"
+    );
+    let seven = launcher.run("nobody", &["sh", "-c", "exit 7"]);
+    assert_eq!(seven.status.code(), Some(7), "{seven:?}");
+    // A signal to `veil run` (Ctrl-C, a launcher stopping it) reaches the app.
+    {
+        use std::io::BufRead as _;
+        let mut client = Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+            .arg(launcher.dir.path().join("veil"))
+            .args(["run", "--socket"])
+            .arg(&launcher.socket)
+            .args(["--", "sh", "-c"])
+            .arg("trap 'echo got; exit 3' TERM; echo ready; while :; do sleep 0.1; done")
+            .current_dir("/")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("veil run");
+        let mut out = std::io::BufReader::new(client.stdout.take().expect("stdout")).lines();
+        assert_eq!(out.next().and_then(Result::ok).as_deref(), Some("ready"));
+        let ok = Command::new("kill")
+            .args(["-TERM", &client.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+        assert_eq!(out.next().and_then(Result::ok).as_deref(), Some("got"));
+        assert_eq!(client.wait().expect("wait").code(), Some(3));
+    }
+    let escape = launcher.run("nobody", &["nsenter", "--net=/proc/1/ns/net", "true"]);
+    assert!(!escape.status.success(), "left the view: {escape:?}");
+    // Someone without a view (root is never confined) gets nothing started.
+    let refused = launcher.run("root", &["true"]);
+    assert_eq!(refused.status.code(), Some(127), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("has no confined view"),
+        "{refused:?}"
+    );
 
     // Its UDP reaches the peer from the relay's address; replies come back from the peer's.
     let capture = leak_capture(&t);
@@ -327,9 +432,16 @@ fn a_confined_app_sees_no_address_of_the_machine_and_leaves_only_through_veil() 
     let status = sidecar.status();
     assert!(status.contains("confined"), "{status}");
 
-    // Fail closed. The sidecar killed: nothing comes back, nothing leaves.
+    // Fail closed. The sidecar killed: nothing comes back, nothing leaves, and `veil run`
+    // fails at once.
     sidecar.daemon_kill();
     assert_sealed(&t, &view.0, &echo, "sidecar killed");
+    let orphan = launcher.run("nobody", &["true"]);
+    assert_eq!(orphan.status.code(), Some(127), "{orphan:?}");
+    assert!(
+        String::from_utf8_lossy(&orphan.stderr).contains("cannot reach the veil daemon"),
+        "{orphan:?}"
+    );
 
     // A new sidecar takes the view as it is (apps inside keep running) and serves it again.
     let sidecar = start_sidecar(&t, &config, "Kept");

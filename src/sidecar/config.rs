@@ -28,6 +28,8 @@
 //! # netns_prefix = "veil-"             # alice's view is /run/netns/veil-alice
 //! # confined_dns = "10.0.0.53:53"      # where their DNS goes, by policy like any flow
 //!                                      # (default: the host's first resolv.conf nameserver)
+//! # launch = "/run/veil/launch"        # where `veil run` asks (anyone may connect; the
+//!                                      # kernel says who did)
 //! ```
 //! Relative paths are taken from the file's directory.
 
@@ -73,6 +75,8 @@ pub struct TransparentSettings {
     pub netns_prefix: String,
     /// Where confined apps' DNS queries go (None: the host's first resolver).
     pub confined_dns: Option<SocketAddr>,
+    /// The socket `veil run` asks to start an app in the caller's view.
+    pub launch: PathBuf,
 }
 
 impl TransparentSettings {
@@ -135,6 +139,7 @@ struct RawTransparent {
     confined: Vec<Spanned<String>>,
     netns_prefix: Option<Spanned<String>>,
     confined_dns: Option<Spanned<String>>,
+    launch: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -201,6 +206,10 @@ impl SidecarConfig {
                 };
                 let settings = TransparentSettings {
                     confined_dns,
+                    launch: t.launch.as_ref().map_or_else(
+                        || PathBuf::from(crate::confine::launch::DEFAULT_SOCKET),
+                        |l| base.join(l),
+                    ),
                     users: t.users,
                     groups: t.groups,
                     cgroups: t.cgroups,

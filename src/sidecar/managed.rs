@@ -250,6 +250,7 @@ mod tests {
             confined: vec![],
             netns_prefix: "veil-".into(),
             confined_dns: None,
+            launch: "/run/veil/launch".into(),
         }
     }
 

@@ -70,6 +70,8 @@ pub struct Settings {
     pub views: Vec<View>,
     /// Where confined apps' DNS queries go.
     pub confined_dns: Option<SocketAddr>,
+    /// The `veil run` socket (with views only).
+    pub launch: Option<PathBuf>,
     /// The `veil status` socket.
     pub control: Option<PathBuf>,
     /// The Prometheus endpoint.
@@ -88,6 +90,7 @@ impl Settings {
             ports_file: None,
             views: Vec::new(),
             confined_dns: None,
+            launch: None,
             control: None,
             metrics: None,
             managed: Vec::new(),
@@ -143,6 +146,11 @@ impl Settings {
             tunnel,
             interception,
             ports_file,
+            launch: config
+                .transparent
+                .as_ref()
+                .filter(|_| !views.is_empty())
+                .map(|t| t.launch.clone()),
             views,
             confined_dns,
             control: Some(control),
@@ -165,6 +173,7 @@ pub struct Sidecar {
     ports_file: Option<PathBuf>,
     views: Vec<View>,
     confined_dns: Option<SocketAddr>,
+    launch: Option<PathBuf>,
     control: Option<PathBuf>,
     metrics: Option<SocketAddr>,
     managed: Vec<String>,
@@ -213,6 +222,7 @@ impl Sidecar {
             ports_file: settings.ports_file,
             views: settings.views,
             confined_dns: settings.confined_dns,
+            launch: settings.launch,
             control: settings.control,
             metrics: settings.metrics,
             managed: settings.managed,
@@ -248,11 +258,20 @@ impl Sidecar {
             ports_file,
             views,
             confined_dns,
+            launch,
             control,
             metrics,
             managed,
             token,
         } = self;
+        if let Some(path) = launch {
+            let (views, t) = (views.clone(), token.clone());
+            tokio::spawn(async move {
+                if let Err(e) = crate::confine::launch::serve(path.clone(), views, t).await {
+                    error!(socket = %path.display(), error = %e, "veil run is not available");
+                }
+            });
+        }
         if let Some(i) = interception {
             for v in views {
                 let (h, t) = (handle.clone(), token.clone());

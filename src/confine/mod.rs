@@ -17,6 +17,8 @@
 //! [`View`] says what a view is, as data ([`View::commands`]: the `ip` command lines that build
 //! it, checked by unit tests); [`ensure`] runs them where something is missing.
 
+pub mod launch;
+
 use crate::command;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
