@@ -112,11 +112,16 @@ impl Drop for Stun {
 }
 
 fn sidecar(t: &Topology, role: &str, pki: &Pki) -> Sidecar {
+    sidecar_with(t, role, pki, "")
+}
+
+/// A sidecar for `role` with `transparent` lines added to its `[transparent]` section.
+fn sidecar_with(t: &Topology, role: &str, pki: &Pki, transparent: &str) -> Sidecar {
     let config = pki.dir.path().join(format!("sidecar-{role}.toml"));
     std::fs::write(
         &config,
         format!(
-            "[relay]\naddress = \"{RELAY}\"\nserver_name = \"{RELAY_IP}\"\nca = \"{}\"\ncertificate = \"{}\"\nprivate_key = \"{}\"\n[transparent]\nusers = [\"nobody\"]\nports_file = \"ports-{role}\"\n",
+            "[relay]\naddress = \"{RELAY}\"\nserver_name = \"{RELAY_IP}\"\nca = \"{}\"\ncertificate = \"{}\"\nprivate_key = \"{}\"\n[transparent]\nusers = [\"nobody\"]\nports_file = \"ports-{role}\"\n{transparent}",
             pki.path("ca.crt").display(),
             pki.path("sidecar.crt").display(),
             pki.path("sidecar.key").display()
@@ -179,6 +184,45 @@ impl Masked {
 
 fn peer(t: &Topology, role: &str, which: &str, signal: &std::path::Path, seconds: u32) -> Child {
     peer_with(t, role, which, signal, seconds, 5, true)
+}
+
+/// A WebRTC peer in network namespace `ns` (a confined view), as `nobody`.
+fn peer_in(ns: &str, which: &str, signal: &std::path::Path, seconds: u32) -> Child {
+    let script = std::fs::read_to_string(support::client_script("webrtc_peer.py")).expect("script");
+    std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "setpriv"])
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(call_python())
+        .arg("-c")
+        .arg(script)
+        .args([
+            which,
+            &signal.display().to_string(),
+            &format!("stun:{STUN}:3478"),
+        ])
+        .arg(seconds.to_string())
+        .env("PEER_FRAME_TIMEOUT", "5")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("webrtc peer")
+}
+
+/// The signalling oracle: which of the users' own addresses appear in what the peers sent each
+/// other (the offer and the answer, SDP with every ICE candidate), as `(address, file, times)`.
+fn disclosed(signal: &std::path::Path) -> Vec<(&'static str, String, usize)> {
+    let mut found = Vec::new();
+    for file in ["offer.json", "answer.json"] {
+        let text = std::fs::read_to_string(signal.join(file)).unwrap_or_default();
+        assert!(text.contains("v=0"), "{file} holds no SDP: {text:?}");
+        for address in [ALICE, BOB] {
+            let times = text.matches(address).count();
+            if times > 0 {
+                found.push((address, file.to_owned(), times));
+            }
+        }
+    }
+    found
 }
 
 fn peer_with(
@@ -351,7 +395,145 @@ fn webrtc_call_between_two_masked_users_leaks_nothing() {
         leaked.is_empty(),
         "packets with alice's or bob's address went elsewhere than the relay: {leaked:?}"
     );
+    // The signalling oracle's positive control: transparent interception masks the packets,
+    // but the apps still name their own addresses to each other (host candidates, `c=`).
+    let named = disclosed(signal.path());
+    eprintln!("webrtc call, transparent: the signalling names {named:?}");
+    assert!(
+        named
+            .iter()
+            .any(|(a, f, _)| *a == ALICE && f == "offer.json")
+            && named
+                .iter()
+                .any(|(a, f, _)| *a == BOB && f == "answer.json"),
+        "the oracle must see the addresses an unconfined app signals: {named:?}"
+    );
     drop(m);
+}
+
+#[test]
+fn webrtc_call_between_two_confined_users_discloses_no_address() {
+    let _ = call_python();
+    let _serial = one_at_a_time();
+    let c = Confined::start();
+    let leaks = Capture::start_all(&c.t, "r", &confined_leak_filter());
+    let signal = open_dir();
+    let offer = peer_in(&c.views[0].0, "offer", signal.path(), 5);
+    let answer = peer_in(&c.views[1].0, "answer", signal.path(), 5);
+    let (a, b) = (outcome(offer), outcome(answer));
+    let leaked = leaks.stop();
+    let named = disclosed(signal.path());
+    let placeholder = ["offer.json", "answer.json"]
+        .iter()
+        .filter(|f| {
+            std::fs::read_to_string(signal.path().join(f))
+                .unwrap_or_default()
+                .contains("192.0.0.2")
+        })
+        .count();
+    eprintln!(
+        "webrtc call, confined: leaked {} packets; the signalling names {named:?}; placeholder in {placeholder} of 2; alice received {} frames, bob {}; set-up {:?} / {:?} ms",
+        leaked.len(),
+        a.frames,
+        b.frames,
+        a.setup_ms,
+        b.setup_ms
+    );
+    assert_eq!(
+        (a.state.as_str(), b.state.as_str()),
+        ("connected", "connected"),
+        "{a:?}\n{b:?}"
+    );
+    assert!(a.frames > 150 && b.frames > 150, "{a:?}\n{b:?}");
+    assert!(a.rms > 500.0 && b.rms > 500.0, "{a:?}\n{b:?}");
+    assert!(named.is_empty(), "the signalling named {named:?}");
+    assert_eq!(
+        placeholder, 2,
+        "each side offers the placeholder as its host candidate"
+    );
+    for o in [&a, &b] {
+        assert!(
+            o.candidates.iter().all(|c| c.contains(" 192.0.0.2 ")
+                || c.contains(&format!(" {RELAY_IP} "))
+                || c.contains(" fd76:6569:6c00::2 ")),
+            "a candidate names something else: {:?}",
+            o.candidates
+        );
+    }
+    assert!(leaked.is_empty(), "leaked: {leaked:?}");
+    drop(c);
+}
+
+/// The packet oracle for confined calls: the leak oracle, and anything from the placeholder
+/// address on the wire.
+fn confined_leak_filter() -> String {
+    format!("{} or (ip and src net 192.0.0.0/30)", leak_filter())
+}
+
+/// Alice and bob confined (one view on each machine, both with the same placeholder
+/// address), the relay and the STUN/SIP host. Dropped in order: sidecars, views, STUN, relay,
+/// namespaces.
+struct Confined {
+    _alice: Sidecar,
+    _bob: Sidecar,
+    views: Vec<ViewNs>,
+    _stun: Stun,
+    _relay: support::Daemon,
+    _pki: Pki,
+    t: Topology,
+}
+
+impl Confined {
+    fn start() -> Self {
+        let t = topology();
+        let pki = Pki::generate(RELAY_IP);
+        let relay = spawn_relay(
+            Some(&t.ns("l")),
+            &pki.relay_config("relay.toml", RELAY, "allow = [\"203.0.113.128/25\"]\n"),
+        );
+        let stun = Stun::start(&t);
+        let prefix = |role: &str| format!("vc{}{}{role}-", std::process::id(), t.ns(""));
+        let views = ["a", "b"]
+            .iter()
+            .map(|r| ViewNs(format!("{}nobody", prefix(r))))
+            .collect();
+        let confined = |role: &str| {
+            format!(
+                "confined = [\"nobody\"]\nnetns_prefix = \"{}\"\n",
+                prefix(role)
+            )
+        };
+        let alice = sidecar_with(&t, "a", &pki, &confined("a"));
+        let bob = sidecar_with(&t, "b", &pki, &confined("b"));
+        for s in [&alice, &bob] {
+            assert!(
+                s.wait_log(&["confined view ready"], Duration::from_secs(10))
+                    .is_some()
+            );
+        }
+        Self {
+            _alice: alice,
+            _bob: bob,
+            views,
+            _stun: stun,
+            _relay: relay,
+            _pki: pki,
+            t,
+        }
+    }
+}
+
+/// A confined view's namespace, deleted when the test ends (the sidecar leaves it in place).
+struct ViewNs(String);
+
+impl Drop for ViewNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.0));
+    }
 }
 
 /// A caller with no server-reflexive candidate (no STUN server: host candidates only) reaches
@@ -713,13 +895,18 @@ fn faults_during_a_call() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
-#[test]
-fn sip_call_between_two_masked_users_leaks_nothing() {
-    let _serial = one_at_a_time();
-    let m = Masked::start();
-    let t = &m.t;
+/// What a SIP call between alice and bob showed.
+struct SipCall {
+    leaked: Vec<String>,
+    /// Lines of signalling from the server (SIP headers, SDP) that name a user's own address.
+    fields: Vec<String>,
+}
+
+/// A baresip call from alice (in namespace `alice_ns`) to bob (in `bob_ns`) through the SIP
+/// server, asserted to carry audio both ways; `leak_filter` is the packet oracle.
+fn sip_call(t: &Topology, alice_ns: &str, bob_ns: &str, leak_filter: &str) -> SipCall {
     let _sip = SipServer::start(t);
-    let leaks = Capture::start_all(t, "r", &leak_filter());
+    let leaks = Capture::start_all(t, "r", leak_filter);
     let all = Capture::start_all(t, "r", "udp");
     // Signalling from the SIP server towards the relay (so towards the users), as text.
     let signalling = Capture::start_all_payloads(
@@ -728,7 +915,7 @@ fn sip_call_between_two_masked_users_leaks_nothing() {
         &format!("udp and src host {SIP_SERVER} and src port 5060"),
     );
 
-    let callee = Baresip::start(t, "b", "bob", 660, None, 16, STUN);
+    let callee = Baresip::start(bob_ns, "bob", 660, None, 16, STUN);
     assert!(
         callee.wait_for("200 OK", Duration::from_secs(8)).is_some(),
         "bob did not register:\n{}",
@@ -736,8 +923,7 @@ fn sip_call_between_two_masked_users_leaks_nothing() {
     );
     let dialled = now();
     let caller = Baresip::start(
-        t,
-        "a",
+        alice_ns,
         "alice",
         440,
         Some(&format!("sip:bob@{SIP_SERVER}")),
@@ -749,15 +935,13 @@ fn sip_call_between_two_masked_users_leaks_nothing() {
     let (bob_heard, bob_rms, bob_log) = callee.finish();
     let leaked = leaks.stop();
     let captured = all.stop();
-    // Threat vector 10, measured not fixed: SIP headers and SDP fields written by the apps
-    // still name their own addresses, and the server passes some of them on.
     let fields: Vec<String> = signalling
         .stop()
         .into_iter()
         .filter(|l| l.contains(ALICE) || l.contains(BOB))
         .collect();
     eprintln!(
-        "sip call: captured {} packets, leaked {}; set-up {:?} ms; alice heard {alice_heard:.1} s (rms {alice_rms:.0}), bob {bob_heard:.1} s (rms {bob_rms:.0}); \
+        "sip call ({alice_ns}): captured {} packets, leaked {}; set-up {:?} ms; alice heard {alice_heard:.1} s (rms {alice_rms:.0}), bob {bob_heard:.1} s (rms {bob_rms:.0}); \
          {} SIP/SDP lines from the server name a user's own address, e.g. {:?}",
         captured.len(),
         leaked.len(),
@@ -782,9 +966,40 @@ fn sip_call_between_two_masked_users_leaks_nothing() {
         alice_rms > 500.0 && bob_rms > 500.0,
         "rms {alice_rms} / {bob_rms}"
     );
+    SipCall { leaked, fields }
+}
+
+#[test]
+fn sip_call_between_two_masked_users_leaks_nothing() {
+    let _serial = one_at_a_time();
+    let m = Masked::start();
+    let t = &m.t;
+    let call = sip_call(t, &t.ns("a"), &t.ns("b"), &leak_filter());
     assert!(
-        leaked.is_empty(),
-        "packets with alice's or bob's address went elsewhere than the relay: {leaked:?}"
+        call.leaked.is_empty(),
+        "packets with alice's or bob's address went elsewhere than the relay: {:?}",
+        call.leaked
+    );
+    // Threat vector 10, measured: transparent interception masks the packets, but SIP headers
+    // and SDP fields written by the apps still name their own addresses, and the server passes
+    // them on (the positive control of the confined call's signalling oracle).
+    assert!(
+        !call.fields.is_empty(),
+        "the oracle must see the addresses unconfined apps signal"
     );
     drop(m);
+}
+
+#[test]
+fn sip_call_between_two_confined_users_discloses_no_address() {
+    let _serial = one_at_a_time();
+    let c = Confined::start();
+    let call = sip_call(&c.t, &c.views[0].0, &c.views[1].0, &confined_leak_filter());
+    assert!(call.leaked.is_empty(), "leaked: {:?}", call.leaked);
+    assert!(
+        call.fields.is_empty(),
+        "the signalling names a user's address: {:?}",
+        call.fields
+    );
+    drop(c);
 }

@@ -75,11 +75,11 @@ pub struct Baresip {
 }
 
 impl Baresip {
-    /// Starts the agent; `stun` is the STUN server it asks for its server-reflexive address.
+    /// Starts the agent in network namespace `netns`; `stun` is the STUN server it asks for
+    /// its server-reflexive address.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
-        t: &Topology,
-        role: &str,
+        netns: &str,
         user: &str,
         tone: u32,
         dial: Option<&str>,
@@ -112,8 +112,9 @@ impl Baresip {
             std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o777))
                 .expect("chmod");
         }
-        let mut cmd = t.command(role, "setpriv");
-        cmd.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", netns, "setpriv"])
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
             .arg("baresip")
             .arg("-f")
             .arg(dir.path())
