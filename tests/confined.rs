@@ -358,6 +358,13 @@ fn a_confined_app_sees_no_address_of_the_machine_and_leaves_only_through_veil() 
         sidecar.log()
     );
     assert!(echo6.seen().is_empty());
+    // Local chatter (mDNS, SSDP) reaches no link: it goes to veil like any UDP, and no policy
+    // relays multicast.
+    for target in ["224.0.0.251:5353", "239.255.255.250:1900"] {
+        let lines = send_from_view(&view.0, target, "0.3", &["chatter"]);
+        assert_eq!(lines, ["fail TimeoutError"], "{target}");
+    }
+
     // DNS: the app's resolver is the host end (resolv.conf in /etc/netns, which `ip netns
     // exec` mounts); glibc's lookup is answered, and the upstream heard it from the relay.
     let resolv = in_view(&view.0, "cat", &["/etc/resolv.conf"]);
