@@ -319,6 +319,10 @@ pub(crate) fn confine_child(command: &mut std::process::Command, c: Confinement)
             )
             .map_err(step)?;
         }
+        // The daemon's raised open-file limit is not the app's: a login session's soft limit.
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(step)?;
+        setrlimit(Resource::RLIMIT_NOFILE, hard.min(1024), hard).map_err(step)?;
         nix::unistd::setsid().map_err(step)?;
         nix::unistd::setgroups(&c.groups).map_err(step)?;
         nix::unistd::setgid(c.gid).map_err(step)?;
@@ -327,7 +331,8 @@ pub(crate) fn confine_child(command: &mut std::process::Command, c: Confinement)
         Ok(())
     };
     // SAFETY: the closure runs in the forked child before exec. It only makes system calls
-    // (setns, unshare, mount, setsid, setgroups, setgid, setuid, chdir) on values prepared
+    // (setns, unshare, mount, getrlimit, setrlimit, setsid, setgroups, setgid, setuid, chdir)
+    // on values prepared
     // before the fork, and allocates nothing; it takes no lock.
     unsafe {
         command.pre_exec(child);

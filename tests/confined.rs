@@ -285,6 +285,7 @@ fn a_confined_app_sees_no_address_of_the_machine_and_leaves_only_through_veil() 
     );
     assert_eq!(launcher.lines(&["ip", "-o", "addr", "show"]), addresses);
     assert_eq!(launcher.lines(&["id", "-u", "-n"]), ["nobody"]);
+    assert_eq!(launcher.lines(&["sh", "-c", "ulimit -n"]), ["1024"]);
     let resolv = launcher.lines(&["cat", "/etc/resolv.conf"]);
     assert!(
         resolv.contains(&"nameserver 192.0.0.1".to_owned()),

@@ -39,6 +39,8 @@ pub const DEFAULT_SOCKET: &str = "/run/veil/launch";
 const MAGIC: &[u8] = b"veil-run/1";
 /// The largest request taken (arguments and environment together).
 pub const MAX_REQUEST: usize = 256 * 1024;
+/// How long a connected client may take to send its request.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Signals the client passes on to the app.
 const FORWARDED: [nix::sys::signal::Signal; 4] = [
     nix::sys::signal::Signal::SIGINT,
@@ -332,7 +334,10 @@ async fn session(stream: &mut UnixStream, views: &[View]) -> Result<(), String> 
             "uid {uid} has no confined view (sidecar.toml [transparent] confined)"
         ));
     };
-    let (request, fds) = receive(stream).await?;
+    // A connection that sends nothing holds no task for long.
+    let (request, fds) = tokio::time::timeout(REQUEST_TIMEOUT, receive(stream))
+        .await
+        .map_err(|_| "no request within 5 s".to_owned())??;
     let mut command = confined_command(view, &request, fds)?;
     let mut child = command
         .spawn()
