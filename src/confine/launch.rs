@@ -245,14 +245,19 @@ pub fn run(socket: &Path, argv: Vec<OsString>) -> Result<i32, ClientError> {
     })?;
     let bytes = request.encode();
     let fds: [RawFd; 3] = [0, 1, 2];
-    nix::sys::socket::sendmsg::<()>(
+    let sent = nix::sys::socket::sendmsg::<()>(
         stream.as_raw_fd(),
         &[io::IoSlice::new(&bytes)],
         &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
         nix::sys::socket::MsgFlags::empty(),
         None,
-    )
-    .map_err(|e| ClientError::Lost(e.into()))?;
+    );
+    // Short of the whole request, the daemon has answered already (a refusal): read it below.
+    if let Ok(n) = sent
+        && n < bytes.len()
+    {
+        let _ = (&stream).write_all(bytes.get(n..).unwrap_or_default());
+    }
     // Signals meant for the app: blocked here, taken by a thread that passes them on.
     let mut set = nix::sys::signal::SigSet::empty();
     for s in FORWARDED {
@@ -328,16 +333,18 @@ async fn session(stream: &mut UnixStream, views: &[View]) -> Result<(), String> 
         .peer_cred()
         .map_err(|e| format!("cannot tell who is asking: {e}"))?;
     let uid = cred.uid();
+    // Read first, even to refuse: a socket closed with unread data resets the client's end,
+    // and the refusal would never be read. A connection that sends nothing holds no task for
+    // long.
+    let (request, fds) = tokio::time::timeout(REQUEST_TIMEOUT, receive(stream))
+        .await
+        .map_err(|_| "no request within 5 s".to_owned())??;
     let Some(view) = views.iter().find(|v| v.uid == uid) else {
         info!(uid, "veil run refused: no confined view for this user");
         return Err(format!(
             "uid {uid} has no confined view (sidecar.toml [transparent] confined)"
         ));
     };
-    // A connection that sends nothing holds no task for long.
-    let (request, fds) = tokio::time::timeout(REQUEST_TIMEOUT, receive(stream))
-        .await
-        .map_err(|_| "no request within 5 s".to_owned())??;
     let mut command = confined_command(view, &request, fds)?;
     let mut child = command
         .spawn()
