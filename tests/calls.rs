@@ -373,7 +373,9 @@ fn webrtc_call_between_two_masked_users_leaks_nothing() {
     assert_eq!(
         (a.state.as_str(), b.state.as_str()),
         ("connected", "connected"),
-        "{a:?}\n{b:?}"
+        "{a:?}\n{b:?}\nalice's sidecar:\n{}\nbob's sidecar:\n{}",
+        tunnel_excerpt(Some(&m._alice)),
+        tunnel_excerpt(Some(&m._bob))
     );
     // Five seconds of 20 ms Opus frames each way, and not silence.
     assert!(a.frames > 150 && b.frames > 150, "{a:?}\n{b:?}");
